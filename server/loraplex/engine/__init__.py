@@ -1,0 +1,1 @@
+"""The serving engine: base model, LoRA slots in the forward, KV cache, scheduler, sampler, step loop."""

@@ -1,0 +1,147 @@
+"""Attention over the paged KV cache for a step that mixes prefill chunks and decodes.
+
+Owns: the step's attention metadata (where each new token's K/V is written, and for each group of
+sequences, which cache slots form their context and what each query may see) and the attention
+op itself, in pure PyTorch on top of `scaled_dot_product_attention`. Decodes (one query each) and
+prefill chunks (many queries) go in separate groups so that neither pads to the other's shape.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together, padded to `num_queries` queries and `num_keys` keys."""
+
+    tokens: torch.Tensor  # [n] indices of this group's queries in the step's flat token order
+    rows: torch.Tensor  # [n] their rows in the padded [num_seqs * num_queries] layout
+    num_seqs: int
+    num_queries: int
+    kv_index: torch.Tensor  # [num_seqs, num_keys] flat cache slot of each context position
+    mask: torch.Tensor  # [num_seqs, 1, num_queries, num_keys] bool, True where a query may attend
+    sliding_mask: torch.Tensor | None  # the same with the sliding window applied, when one matters
+    in_order: bool  # tokens == rows == arange(n): no scatter needed
+
+
+@dataclass
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # [T] flat cache slot where each new token's K and V go
+    groups: list[AttentionGroup]
+
+
+@dataclass
+class SeqSpan:
+    """One sequence's share of a step: queries at positions [start, start + length)."""
+
+    token_offset: int  # where its tokens start in the step's flat order
+    start: int
+    length: int
+    block_table: list[int]  # KV blocks holding positions 0 .. start + length - 1
+
+
+def _build_group(
+    spans: list[SeqSpan], block_size: int, sliding_window: int | None, device: torch.device
+) -> AttentionGroup:
+    num_queries = max(span.length for span in spans)
+    num_keys = max(span.start + span.length for span in spans)
+    num_blocks = -(-num_keys // block_size)
+    block_tables = torch.zeros(len(spans), num_blocks, dtype=torch.long)
+    query_pos = torch.full((len(spans), num_queries), -1, dtype=torch.long)
+    tokens, rows = [], []
+    for i, span in enumerate(spans):
+        used = -(-(span.start + span.length) // block_size)
+        block_tables[i, :used] = torch.tensor(span.block_table[:used], dtype=torch.long)
+        query_pos[i, : span.length] = torch.arange(span.start, span.start + span.length)
+        tokens.extend(range(span.token_offset, span.token_offset + span.length))
+        rows.extend(range(i * num_queries, i * num_queries + span.length))
+    # kv_index[b, j]: cache slot of position j of sequence b (padding points at slot 0, masked out)
+    kv_index = (block_tables[:, :, None] * block_size + torch.arange(block_size)).reshape(len(spans), -1)
+    kv_index = kv_index[:, :num_keys]
+    key_pos = torch.arange(num_keys)
+    # query at position p sees keys 0..p; a padded query (p = -1) sees key 0 so softmax stays finite.
+    mask = key_pos[None, None, :] <= query_pos.clamp(min=0)[:, :, None]  # [B, Q, K]
+    sliding = None
+    if sliding_window is not None and num_keys > sliding_window:
+        sliding = mask & (query_pos.clamp(min=0)[:, :, None] - key_pos[None, None, :] < sliding_window)
+        sliding = sliding.unsqueeze(1).to(device)
+    in_order = tokens == rows == list(range(len(tokens)))
+    return AttentionGroup(
+        tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        num_seqs=len(spans),
+        num_queries=num_queries,
+        kv_index=kv_index.to(device),
+        mask=mask.unsqueeze(1).to(device),
+        sliding_mask=sliding,
+        in_order=in_order,
+    )
+
+
+def build_attention_batch(
+    spans: list[SeqSpan],
+    slot_mapping: list[int],
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttentionBatch:
+    """Group the step's sequences (decodes apart from prefill chunks) and build their masks once."""
+    decodes = [span for span in spans if span.length == 1]
+    prefills = [span for span in spans if span.length > 1]
+    groups = [_build_group(group, block_size, sliding_window, device) for group in (decodes, prefills) if group]
+    return AttentionBatch(torch.tensor(slot_mapping, dtype=torch.long, device=device), groups)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scaling: float,
+    sliding: bool,
+) -> torch.Tensor:
+    """Write the step's K/V into the cache, then attend each query to its sequence's context.
+
+    Args:
+        q: [T, H, D] queries (rotary applied).
+        k, v: [T, Hkv, D] the step's new keys and values.
+        key_cache, value_cache: [slots, Hkv, D] this layer's cache.
+        batch: the step's attention metadata.
+        scaling: softmax scale.
+        sliding: whether this layer uses the sliding-window mask.
+
+    Returns:
+        [T, H, D] attention output.
+    """
+    key_cache.index_copy_(0, batch.slot_mapping, k)
+    value_cache.index_copy_(0, batch.slot_mapping, v)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    for group in batch.groups:
+        b, n_q = group.num_seqs, group.num_queries
+        if group.in_order:
+            queries = q[: b * n_q]
+        else:
+            queries = q.new_zeros(b * n_q, num_heads, head_dim)
+            queries[group.rows] = q[group.tokens]
+        keys = key_cache[group.kv_index]  # [B, K, Hkv, D]
+        values = value_cache[group.kv_index]
+        mask = group.sliding_mask if sliding and group.sliding_mask is not None else group.mask
+        attended = F.scaled_dot_product_attention(
+            queries.view(b, n_q, num_heads, head_dim).transpose(1, 2),  # [B, H, Q, D]
+            keys.transpose(1, 2),  # [B, Hkv, K, D]
+            values.transpose(1, 2),
+            attn_mask=mask,
+            scale=scaling,
+            enable_gqa=keys.shape[2] != num_heads,
+        )  # [B, H, Q, D]
+        attended = attended.transpose(1, 2).reshape(b * n_q, num_heads, head_dim)
+        if group.in_order:
+            out[: b * n_q] = attended
+        else:
+            out[group.tokens] = attended[group.rows]
+    return out

@@ -1,0 +1,66 @@
+"""Incremental detokenization and stop strings, one request at a time.
+
+Owns: turning each new token into the text it completes (holding back an unfinished multi-byte
+character), and finding stop strings in the text so far, holding back any tail that could still
+become one. The engine calls it after sampling; the scheduler and runner never see text.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TextDelta:
+    text: str  # new text that may be emitted now
+    stopped: bool  # a stop string was found; the text ends before it
+
+
+class Detokenizer:
+    """Decode one request's output as it grows.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt_ids: the prompt, whose last tokens give the first output token its context.
+        stop: stop strings, if any.
+    """
+
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids[-self.CONTEXT_TOKENS :])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""  # all text decoded so far (truncated at a stop string)
+        self._emitted = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> TextDelta:
+        """Feed one generated token; return what can be emitted now."""
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self._ids[self._prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+        if self._stop:
+            search_from = max(0, self._emitted - self._hold)
+            hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return TextDelta(self._take(len(self.text)), stopped=True)
+        return TextDelta(self._take(len(self.text) - self._hold), stopped=False)
+
+    def flush(self) -> str:
+        """The held-back tail, at the end of the request."""
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        upto = max(upto, self._emitted)
+        delta = self.text[self._emitted : upto]
+        self._emitted = upto
+        return delta

@@ -1,0 +1,382 @@
+"""The engine: adapters in, requests in, one step at a time, tokens out.
+
+Owns: the step loop (schedule, forward, sample, detokenize, stop checks, finish), the adapter name
+table, and the two front doors built on it: a synchronous `generate` for scripts and tests, and an
+async `submit` (an async stream of `TokenEvent`s) for the HTTP server, with the loop on a thread
+of its own. Requests, cancels and adapter changes from other threads arrive through an inbox and
+take effect at the next step boundary, so the scheduler and the slots are only touched here.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex.config import EngineConfig
+from loraplex.engine.base_model import BaseModel, load_base_model
+from loraplex.engine.detokenizer import Detokenizer
+from loraplex.engine.kv_cache import KVCache
+from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
+from loraplex.engine.request import (
+    Completion,
+    FinishReason,
+    Request,
+    SamplingParams,
+    TokenEvent,
+)
+from loraplex.engine.runner import ModelRunner
+from loraplex.engine.sampling import sample, token_logprobs
+from loraplex.engine.scheduler import Scheduler, SchedulerLimits
+from loraplex.engine.stream import RequestStream
+from loraplex.errors import AdapterNotFound, RequestInvalid
+from loraplex.registry.adapter import LoraAdapter, build_adapter, load_adapter
+from loraplex.registry.slots import SlotCache
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass(eq=False)
+class _Live:
+    request: Request
+    detokenizer: Detokenizer
+    sink: Sink
+
+
+class Engine:
+    """One resident base model serving many adapters through continuous batching.
+
+    Args:
+        config: the engine configuration.
+        base: an already loaded base model; loaded from `config.model` when omitted.
+    """
+
+    def __init__(self, config: EngineConfig, base: BaseModel | None = None):
+        self.config = config
+        self.base = base or load_base_model(config)
+        hf_config = self.base.model.config
+        self.max_model_len = config.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096), 4096)
+        self.lora_context = LoraContext()
+        self.wrappers = wrap_lora_targets(
+            self.base.model, config.max_loras, config.max_lora_rank, self.base.dtype, self.lora_context
+        )
+        self.module_shapes = module_shapes(self.wrappers)
+        self.null_slot = config.max_loras
+        self.slots = SlotCache(config.max_loras, lambda slot, adapter: write_adapter(self.wrappers, slot, adapter))
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        num_blocks = config.num_kv_blocks or config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        self.kv_cache = KVCache(
+            hf_config.num_hidden_layers,
+            num_blocks,
+            config.block_size,
+            hf_config.num_key_value_heads,
+            head_dim,
+            self.base.dtype,
+            self.base.device,
+        )
+        limits = SchedulerLimits(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+            max_slot_bypass=config.max_num_seqs if config.max_slot_bypass is None else config.max_slot_bypass,
+        )
+        self.scheduler = Scheduler(limits, self.kv_cache, self.slots)
+        self.runner = ModelRunner(self.base.model, self.kv_cache, self.lora_context, self.base.device)
+        self.eos_ids = self._eos_ids()
+        self.adapters: dict[str, LoraAdapter] = {}
+        self._retired: list[LoraAdapter] = []
+        self._live: dict[str, _Live] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.last_step_time = 0.0
+        self.num_steps = 0
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.base.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.base.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+    # ----- adapters -------------------------------------------------------------------------
+
+    def validate_adapter(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> LoraAdapter:
+        """Check PEFT contents against this base without registering them."""
+        return build_adapter(name, config, tensors, self.module_shapes, self.config.max_lora_rank, self.base.dtype)
+
+    def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """Read, validate and register the PEFT directory at `path` under `name`."""
+        adapter = load_adapter(Path(path), name, self.module_shapes, self.config.max_lora_rank, self.base.dtype)
+        self.register_adapter(adapter)
+        return adapter
+
+    def register_adapter(self, adapter: LoraAdapter) -> None:
+        """Make `adapter` the version new requests for its name get; running ones keep theirs."""
+        previous = self.adapters.get(adapter.name)
+        self.adapters[adapter.name] = adapter
+        if previous is not None:
+            self._send("retire", previous)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget `name`; requests already running on it finish, then its slot is freed."""
+        adapter = self.adapters.pop(name, None)
+        if adapter is None:
+            raise AdapterNotFound(f"adapter {name!r} is not loaded")
+        self._send("retire", adapter)
+
+    # ----- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | LoraAdapter | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        sink: Sink | None = None,
+    ) -> str:
+        """Queue a request; its events go to `sink` from the engine's thread. Returns its id."""
+        params = params or SamplingParams()
+        prompt_ids = [int(t) for t in prompt_ids]
+        vocab = self.base.model.config.vocab_size
+        if not prompt_ids:
+            raise RequestInvalid("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestInvalid(
+                f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which leaves no room to generate"
+            )
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise RequestInvalid(f"prompt token ids must be in [0, {vocab})")
+        if isinstance(adapter, str):
+            if adapter not in self.adapters:
+                raise AdapterNotFound(f"adapter {adapter!r} is not loaded")
+            adapter = self.adapters[adapter]
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.base.device)
+            generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "big"))
+        request = Request(request_id or uuid.uuid4().hex, prompt_ids, adapter, params, generator)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = []
+        detokenizer = Detokenizer(self.base.tokenizer, prompt_ids, params.stop)
+        self._send("add", _Live(request, detokenizer, sink or (lambda event: None)))
+        return request.request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request: its KV blocks and slot reference are freed at the next step boundary."""
+        self._send("abort", request_id)
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | LoraAdapter | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Queue a request from async code; iterate the returned stream for its tokens."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def sink(event: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the caller's loop is gone: nobody is listening any more
+                self.cancel(event.request_id)
+
+        request_id = self.add_request(prompt_ids, adapter, params, request_id, sink)
+        return RequestStream(request_id, events, self.cancel)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        adapters: Sequence[str | LoraAdapter | None] | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Run requests to completion on the calling thread (the loop thread must not be running)."""
+        if self._thread is not None:
+            raise RuntimeError("generate() runs the engine itself; stop the background loop first")
+        adapters = adapters if adapters is not None else [None] * len(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        collected: dict[str, list[TokenEvent]] = {}
+        ids = []
+        for prompt, adapter, request_params in zip(prompts, adapters, params, strict=True):
+            events: list[TokenEvent] = []
+            request_id = self.add_request(prompt, adapter, request_params, sink=events.append)
+            collected[request_id] = events
+            ids.append(request_id)
+        self._drain_inbox()
+        while self.scheduler.has_work():
+            self.step()
+        return [self._completion(collected[i], list(prompt)) for i, prompt in zip(ids, prompts)]
+
+    # ----- the step loop --------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Schedule, run and post-process one iteration."""
+        self._drain_inbox()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        now = time.monotonic()
+        for seq in batch:
+            seq.request.first_scheduled_time = seq.request.first_scheduled_time or now
+        logits, rows = self.runner.run(batch, self.null_slot)
+        scores = logits if self.config.logprobs_mode == "raw_logits" else logits.log_softmax(dim=-1)
+        for seq in batch:
+            seq.request.num_computed = seq.start + seq.length
+        for index, (row, count) in rows.prompt_rows.items():
+            self._score_prompt(batch[index].request, scores[row : row + count])
+        sampled = sorted(rows.sample_rows.items())
+        if sampled:
+            picked_rows = torch.tensor([row for _, row in sampled], device=logits.device)
+            requests = [batch[index].request for index, _ in sampled]
+            tokens = sample(
+                logits.index_select(0, picked_rows),
+                [r.params for r in requests],
+                [r.generator for r in requests],
+            )
+            top_n = max((r.params.logprobs or 0) for r in requests)
+            chosen, top = token_logprobs(scores.index_select(0, picked_rows), tokens, top_n)
+            for request, token, logprob, alternatives in zip(requests, tokens.tolist(), chosen, top):
+                n = request.params.logprobs
+                self._append_token(request, token, logprob if n is not None else None, alternatives[:n] if n else None)
+        self._free_retired()
+        self.num_steps += 1
+        self.last_step_time = time.time()
+
+    def _score_prompt(self, request: Request, scores: torch.Tensor) -> None:
+        first = len(request.prompt_logprobs)
+        targets = torch.tensor(request.prompt_ids[first + 1 : first + 1 + scores.shape[0]], device=scores.device)
+        chosen, top = token_logprobs(scores, targets, request.params.prompt_logprobs)
+        request.prompt_logprobs.extend(zip(chosen, top))
+
+    def _append_token(self, request: Request, token: int, logprob, alternatives) -> None:
+        live = self._live[request.request_id]
+        now = time.monotonic()
+        request.first_token_time = request.first_token_time or now
+        request.last_token_time = now
+        request.output_ids.append(token)
+        params = request.params
+        finish = None
+        text = ""
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            finish = FinishReason.STOP
+        else:
+            delta = live.detokenizer.add(token)
+            text = delta.text
+            if delta.stopped:
+                finish = FinishReason.STOP
+        if finish is None and (len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len):
+            finish = FinishReason.LENGTH
+        event = TokenEvent(request.request_id, token, text, logprob, alternatives)
+        if len(request.output_ids) == 1 and request.prompt_logprobs is not None:
+            event.prompt_logprobs = list(request.prompt_logprobs)
+        if finish is not None:
+            event.text += live.detokenizer.flush()
+            event.finish_reason = finish
+            self._finish(request, finish)
+        request.output_text = live.detokenizer.text
+        live.sink(event)
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.finish_reason = reason
+        self.scheduler.finish(request)
+        self._live.pop(request.request_id, None)
+
+    # ----- inbox and background loop --------------------------------------------------------
+
+    def _send(self, kind: str, payload) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._live[payload.request.request_id] = payload
+                self.scheduler.add(payload.request)
+            elif kind == "abort":
+                live = self._live.get(payload)
+                if live is not None:
+                    self._finish(live.request, FinishReason.ABORT)
+                    live.sink(TokenEvent(payload, None, "", finish_reason=FinishReason.ABORT))
+            elif kind == "retire":
+                self._retired.append(payload)
+                self._free_retired()
+
+    def _free_retired(self) -> None:
+        if self._retired:
+            self._retired = [adapter for adapter in self._retired if not self.slots.discard(adapter)]
+
+    def start(self) -> None:
+        """Run the step loop on a background thread (needed by `submit`)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background loop after the current step; unfinished requests are aborted."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        self._drain_inbox()
+        for request_id in list(self._live):
+            self._send("abort", request_id)
+        self._drain_inbox()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(0.5)
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                self._fail_running(f"engine step failed: {exc}")
+
+    def _fail_running(self, message: str) -> None:
+        for request in list(self.scheduler.running):
+            live = self._live.get(request.request_id)
+            self._finish(request, FinishReason.ERROR)
+            if live is not None:
+                live.sink(TokenEvent(request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message))
+
+    @staticmethod
+    def _completion(events: list[TokenEvent], prompt_ids: list[int]) -> Completion:
+        tokens = [e for e in events if e.token_id is not None]
+        last = events[-1]
+        first_prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+        return Completion(
+            request_id=last.request_id,
+            prompt_ids=prompt_ids,
+            output_ids=[e.token_id for e in tokens],
+            text="".join(e.text for e in events),
+            finish_reason=last.finish_reason,
+            logprobs=[e.logprob for e in tokens if e.logprob is not None],
+            top_logprobs=[e.top_logprobs for e in tokens if e.top_logprobs is not None],
+            prompt_logprobs=first_prompt,
+        )

@@ -1,0 +1,66 @@
+"""The paged KV cache: fixed-size blocks in per-layer tensors, and the allocator handing them out.
+
+Owns: the K and V tensors of every layer, shaped `[num_blocks * block_size, kv_heads, head_dim]`
+(a flat view of `[num_blocks, block_size, ...]`, so a token's cache slot is `block * block_size +
+offset`), and the free list of blocks. Sequences of any length and position share a step because
+each one reads its context through its own block table. What a sequence owns is the scheduler's
+business; this module only counts blocks.
+"""
+
+import torch
+
+
+class BlockAllocator:
+    """A free list of KV blocks."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"asked for {count} KV blocks with {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+
+class KVCache:
+    """Per-layer K and V storage for `num_blocks` blocks of `block_size` tokens."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        shape = (num_blocks * block_size, kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def slot(self, block_table: list[int], position: int) -> int:
+        """The flat cache index of the token at `position` of a sequence."""
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one token across all layers."""
+        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,97 @@
+"""The LoRA wrapper around each targetable linear of the base, and the slot stacks it owns.
+
+Owns: wrapping q/k/v/o and gate/up/down projections once at start-up (quantized or not), the
+pre-allocated stacks `lora_a: [max_loras + 1, max_rank, in]` and `lora_b: [max_loras + 1, out,
+max_rank]` (the last slot is the all-zero null slot), and writing an adapter into a slot. The base
+weights are never modified. Which tokens use which slot is read from the shared `LoraContext`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraplex.engine.lora_ops import LoraBatch, add_lora_delta
+from loraplex.registry.adapter import LoraAdapter, ModuleShape
+
+TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraContext:
+    """The current step's routing, set by the runner around each forward and read by every wrapper."""
+
+    batch: LoraBatch | None = None
+
+
+class LoraLinear(nn.Module):
+    """`base(x)` plus the unmerged LoRA delta of each token's slot."""
+
+    def __init__(self, base: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, context: LoraContext):
+        super().__init__()
+        self.base_layer = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        device = next(base.parameters()).device
+        self.register_buffer(
+            "lora_a", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "lora_b", torch.zeros(num_slots + 1, self.out_features, max_rank, dtype=dtype, device=device), persistent=False
+        )
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in] -> [T, out]
+        y = self.base_layer(x)
+        if self.context.batch is not None:
+            add_lora_delta(y, x, self.lora_a, self.lora_b, self.context.batch)
+        return y
+
+    def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> None:
+        """Copy one adapter's pair into `slot`, zero-padding the rank; None clears the slot."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if lora_a is None:
+            return
+        rank = lora_a.shape[0]
+        self.lora_a[slot, :rank].copy_(lora_a)
+        self.lora_b[slot, :, :rank].copy_(lora_b.to(torch.float32).mul(scaling))
+
+
+def wrap_lora_targets(
+    model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, context: LoraContext
+) -> dict[str, LoraLinear]:
+    """Replace every targetable projection of `model` by a `LoraLinear`, once.
+
+    Returns:
+        The wrappers by qualified module name (as PEFT names them, e.g. `model.layers.0.self_attn.q_proj`).
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGET_NAMES and hasattr(module, "in_features")
+    ]
+    wrappers = {}
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        wrapper = LoraLinear(module, num_slots, max_rank, dtype, context)
+        setattr(model.get_submodule(parent_name), child, wrapper)
+        wrappers[name] = wrapper
+    return wrappers
+
+
+def module_shapes(wrappers: dict[str, LoraLinear]) -> dict[str, ModuleShape]:
+    """What adapters are validated against: each wrapped module's widths."""
+    return {name: ModuleShape(w.in_features, w.out_features) for name, w in wrappers.items()}
+
+
+def write_adapter(wrappers: dict[str, LoraLinear], slot: int, adapter: LoraAdapter | None) -> None:
+    """Copy `adapter` into `slot` of every wrapper (a module it does not target gets zeros)."""
+    with torch.inference_mode():
+        for name, wrapper in wrappers.items():
+            weights = adapter.modules.get(name) if adapter is not None else None
+            if weights is None:
+                wrapper.write_slot(slot, None, None, 0.0)
+            else:
+                wrapper.write_slot(slot, weights.lora_a, weights.lora_b, weights.scaling)

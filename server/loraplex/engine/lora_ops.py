@@ -1,0 +1,93 @@
+"""The batched LoRA delta: one function, many adapters, one step.
+
+Owns: the per-step routing metadata (`LoraBatch`, built once per step and read by every wrapped
+layer) and `add_lora_delta`, the pure-PyTorch op that a CUDA kernel can later replace. Semantics,
+for every token t of the step whose request sits in slot s = token_slots[t]:
+
+    y[t] += (x[t] @ lora_a[s].T) @ lora_b[s].T        # scaling is folded into lora_b at slot load
+
+A token of a base-only request points at the null slot, whose stacks are all zeros.
+
+Two equivalent strategies, picked per step (Punica's split):
+  * gather  (BGMV-like): gather each token's A and B, then two batched matmuls. Best for decode
+    steps, where tokens are few and adapters many.
+  * segment (SGMV-like): tokens are ordered by slot, so each adapter is a contiguous segment; two
+    dense matmuls per segment. Best for prefill, where segments are long.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+# Average tokens per adapter segment from which the segment strategy beats gathering.
+SEGMENT_MIN_AVG_TOKENS = 16
+
+
+@dataclass
+class LoraBatch:
+    """How the tokens of one step map to LoRA slots; shared by every wrapped layer."""
+
+    token_slots: torch.Tensor  # [T] long: each token's slot, the null slot for base-only tokens
+    segments: list[tuple[int, int, int, int]]  # (slot, start, end, rank) of each adapter run of tokens
+    rank: int  # the largest rank in the step: stacks are sliced to it
+    use_segments: bool
+
+
+def find_segments(token_slots: list[int], slot_ranks: dict[int, int]) -> list[tuple[int, int, int, int]]:
+    """Runs of equal slots in token order, skipping slots absent from `slot_ranks` (the null slot).
+
+    >>> find_segments([2, 2, 9, 0, 0, 0], {2: 8, 0: 4})
+    [(2, 0, 2, 8), (0, 3, 6, 4)]
+    """
+    segments = []
+    start = 0
+    for index in range(1, len(token_slots) + 1):
+        if index == len(token_slots) or token_slots[index] != token_slots[start]:
+            slot = token_slots[start]
+            if slot in slot_ranks:
+                segments.append((slot, start, index, slot_ranks[slot]))
+            start = index
+    return segments
+
+
+def build_lora_batch(token_slots: list[int], slot_ranks: dict[int, int], device: torch.device) -> LoraBatch | None:
+    """The step's LoRA metadata, or None when no token of the step uses an adapter.
+
+    Args:
+        token_slots: the slot of every token of the step, in the step's token order.
+        slot_ranks: the rank of each slot used by an adapter this step (the null slot is absent).
+        device: where the forward runs.
+    """
+    segments = find_segments(token_slots, slot_ranks)
+    if not segments:
+        return None
+    use_segments = len(token_slots) >= SEGMENT_MIN_AVG_TOKENS * len(segments)
+    return LoraBatch(
+        token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+        segments=segments,
+        rank=max(slot_ranks.values()),
+        use_segments=use_segments,
+    )
+
+
+def add_lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoraBatch) -> None:
+    """Add every token's LoRA delta to `y`, in place.
+
+    Args:
+        y: [T, out] the base layer's output.
+        x: [T, in] the layer's input.
+        lora_a: [S + 1, R, in] slot stack of A matrices (last slot: null).
+        lora_b: [S + 1, out, R] slot stack of B matrices, pre-multiplied by each adapter's scaling.
+        batch: the step's routing metadata.
+    """
+    x = x.to(lora_a.dtype)
+    if batch.use_segments:
+        for slot, start, end, rank in batch.segments:
+            shrunk = x[start:end] @ lora_a[slot, :rank].T  # [n, r]
+            y[start:end].addmm_(shrunk.to(y.dtype), lora_b[slot, :, :rank].T.to(y.dtype))
+        return
+    rank = batch.rank
+    a = lora_a[:, :rank].index_select(0, batch.token_slots)  # [T, r, in]
+    shrunk = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))  # [T, 1, r]
+    b = lora_b[:, :, :rank].index_select(0, batch.token_slots)  # [T, out, r]
+    y.unsqueeze(1).baddbmm_(shrunk.to(y.dtype), b.transpose(1, 2).to(y.dtype))  # y: [T, 1, out]

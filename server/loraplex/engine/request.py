@@ -1,0 +1,149 @@
+"""One generation request: what was asked, and where it stands.
+
+Owns: `SamplingParams` (validated at construction), the engine's per-request state (`Request`),
+and what the engine hands back (`TokenEvent` per token, `Completion` for a whole request). The
+scheduler moves requests between states; the engine appends tokens; nothing here does either.
+"""
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.errors import RequestInvalid
+from loraplex.registry.adapter import LoraAdapter
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an EOS or stop token, or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the engine failed while running it
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    Args:
+        max_tokens: tokens to generate at most.
+        temperature: 0 means greedy.
+        top_p: nucleus sampling mass, in (0, 1].
+        top_k: keep the k most likely tokens; 0 keeps all.
+        seed: makes sampling reproducible for this request, whatever shares its steps.
+        stop_token_ids: extra token ids that end generation.
+        stop: strings that end generation; the text stops before them.
+        ignore_eos: keep going past the model's EOS token.
+        logprobs: return each generated token's logprob and this many top alternatives.
+        prompt_logprobs: return each prompt token's logprob and this many top alternatives.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestInvalid(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RequestInvalid(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise RequestInvalid(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestInvalid(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise RequestInvalid(f"{name} must be >= 0, got {value}")
+        if any(not s for s in self.stop):
+            raise RequestInvalid("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+TopLogprobs = list[tuple[int, float]]
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, streamed as soon as it is sampled.
+
+    `text` is the new text this token completes (possibly empty while a multi-byte character or a
+    possible stop string is held back). The last event of a request carries `finish_reason`.
+    """
+
+    request_id: str
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request, as the synchronous API returns it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """The engine's state of one request; owned by the engine thread."""
+
+    request_id: str
+    prompt_ids: list[int]
+    adapter: LoraAdapter | None
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    output_text: str = ""
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    slot: int | None = None  # LoRA slot while running with an adapter
+    slot_bypassed: int = 0  # later adapter requests admitted while this one waited for a slot
+    finish_reason: FinishReason | None = None
+    prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None  # scored so far, when asked for
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

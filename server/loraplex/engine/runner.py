@@ -1,0 +1,171 @@
+"""One forward pass over a scheduled step: flat tokens, paged KV, unmerged LoRA.
+
+Owns: turning a step's scheduled sequences into flat input tensors (ordered by LoRA slot so each
+adapter's tokens are contiguous), building the step's attention and LoRA metadata once, and
+driving the Hugging Face decoder layers of the base (embedding, norms, rotary, MLP, lm_head are
+the model's own modules; attention is ours, over the paged cache). It returns logits; sampling is
+not its business.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraplex.engine.attention import AttentionBatch, SeqSpan, build_attention_batch, paged_attention
+from loraplex.engine.kv_cache import KVCache
+from loraplex.engine.lora_layer import LoraContext
+from loraplex.engine.lora_ops import build_lora_batch
+from loraplex.engine.scheduler import ScheduledSeq
+
+
+@dataclass
+class LogitRows:
+    """Which rows of the step's logits belong to which scheduled sequence."""
+
+    sample_rows: dict[int, int]  # index in the batch -> row whose logits pick its next token
+    prompt_rows: dict[int, tuple[int, int]]  # index in the batch -> (first row, count) of prompt logits
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding as the Hugging Face Llama family applies it.
+
+    Args:
+        q: [T, H, D], k: [T, Hkv, D], cos and sin: [T, D].
+    """
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def _sliding_layers(hf_config) -> tuple[int | None, list[bool]]:
+    """The sliding window, if any, and which layers use it (Mistral: all; Qwen: per `layer_types`)."""
+    window = getattr(hf_config, "sliding_window", None)
+    num_layers = hf_config.num_hidden_layers
+    layer_types = getattr(hf_config, "layer_types", None)
+    if not window:
+        return None, [False] * num_layers
+    if layer_types is not None:
+        return window, [kind == "sliding_attention" for kind in layer_types]
+    return window, [True] * num_layers
+
+
+class ModelRunner:
+    """Runs the base decoder over a step's tokens.
+
+    Args:
+        model: the Hugging Face causal LM, its projections already wrapped for LoRA.
+        kv_cache: the paged cache sized for this model.
+        lora_context: shared with every wrapper; set here around each forward.
+        device: where the model lives.
+    """
+
+    def __init__(self, model: nn.Module, kv_cache: KVCache, lora_context: LoraContext, device: torch.device):
+        self.model = model
+        self.decoder = model.model
+        self.kv_cache = kv_cache
+        self.lora_context = lora_context
+        self.device = device
+        self.sliding_window, self.sliding = _sliding_layers(model.config)
+
+    def build_inputs(self, batch: list[ScheduledSeq], null_slot: int):
+        """Flatten a step into tensors and metadata, ordering sequences by LoRA slot."""
+        order = sorted(range(len(batch)), key=lambda i: null_slot if batch[i].request.slot is None else batch[i].request.slot)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        spans: list[SeqSpan] = []
+        slot_ranks: dict[int, int] = {}
+        sample_rows: dict[int, int] = {}
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        logit_tokens: list[int] = []
+        for i in order:
+            seq = batch[i]
+            request = seq.request
+            offset = len(token_ids)
+            end = seq.start + seq.length
+            token_ids.extend(request.all_ids[seq.start : end])
+            positions.extend(range(seq.start, end))
+            slot_mapping.extend(self.kv_cache.slot(request.block_table, p) for p in range(seq.start, end))
+            slot = null_slot if request.slot is None else request.slot
+            token_slots.extend([slot] * seq.length)
+            if request.slot is not None:
+                slot_ranks[slot] = request.adapter.rank
+            spans.append(SeqSpan(offset, seq.start, seq.length, request.block_table))
+            if request.prompt_logprobs is not None:
+                # logits at position p score prompt token p + 1; skip those already scored
+                first = max(seq.start, len(request.prompt_logprobs))
+                prompt_end = min(end, len(request.prompt_ids) - 1)
+                if prompt_end > first:
+                    prompt_rows[i] = (len(logit_tokens), prompt_end - first)
+                    logit_tokens.extend(range(offset + first - seq.start, offset + prompt_end - seq.start))
+            if seq.samples:
+                sample_rows[i] = len(logit_tokens)
+                logit_tokens.append(offset + seq.length - 1)
+        attention = build_attention_batch(
+            spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device
+        )
+        lora = build_lora_batch(token_slots, slot_ranks, self.device)
+        tensors = (
+            torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            torch.tensor(logit_tokens, dtype=torch.long, device=self.device),
+        )
+        return tensors, attention, lora, LogitRows(sample_rows, prompt_rows)
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq], null_slot: int) -> tuple[torch.Tensor, LogitRows]:
+        """Forward one step.
+
+        Returns:
+            [R, V] float32 logits for the rows named by the returned `LogitRows`.
+        """
+        (token_ids, positions, logit_tokens), attention, lora, rows = self.build_inputs(batch, null_slot)
+        self.lora_context.batch = lora
+        try:
+            hidden = self._forward(token_ids, positions, attention)  # [T, hidden]
+        finally:
+            self.lora_context.batch = None
+        hidden = self.decoder.norm(hidden.index_select(0, logit_tokens))  # [R, hidden]
+        logits = self.model.lm_head(hidden).float()  # [R, V]
+        return logits, rows
+
+    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBatch) -> torch.Tensor:
+        hidden = self.decoder.embed_tokens(token_ids)  # [T, hidden]
+        cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])  # [1, T, D] each
+        cos, sin = cos[0], sin[0]
+        for index, layer in enumerate(self.decoder.layers):
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            hidden = residual + self._attention(index, layer.self_attn, hidden, cos, sin, attention)
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
+
+    def _attention(self, index, attn: nn.Module, x, cos, sin, attention: AttentionBatch) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        head_dim = attn.head_dim
+        q = attn.q_proj(x).view(num_tokens, -1, head_dim)  # [T, H, D]
+        k = attn.k_proj(x).view(num_tokens, -1, head_dim)  # [T, Hkv, D]
+        v = attn.v_proj(x).view(num_tokens, -1, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q, k, cos, sin)
+        out = paged_attention(
+            q,
+            k,
+            v,
+            self.kv_cache.keys[index],
+            self.kv_cache.values[index],
+            attention,
+            attn.scaling,
+            self.sliding[index],
+        )
+        return attn.o_proj(out.reshape(num_tokens, -1))

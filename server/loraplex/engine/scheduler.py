@@ -1,0 +1,155 @@
+"""Iteration-level scheduling: which requests run in the next step, and with how many tokens.
+
+Owns: the waiting queue and the running set, the per-step token budget and sequence cap, KV-block
+allocation (with recompute preemption when blocks run out), and the LoRA slot each running request
+pins. Policy, in order, every step:
+
+1. Running requests continue: one token for a decode, the next chunk for a prefill (chunked
+   prefill). If KV blocks run out, the most recently admitted request is preempted: its blocks
+   and slot are freed and it goes back to the head of the queue, to be recomputed later.
+2. Waiting requests are admitted first-come, first-served while the token budget, the sequence
+   cap and the KV blocks allow. A request whose adapter cannot get a slot (every slot is pinned by
+   running requests) waits. Later requests whose adapters are already resident may pass it, but
+   only `max_slot_bypass` times; after that admission is strictly in order, so none starves.
+
+It never runs the model and never touches text.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from loraplex.engine.kv_cache import KVCache
+from loraplex.engine.request import Request, RequestStatus
+from loraplex.registry.slots import SlotCache
+
+
+@dataclass
+class ScheduledSeq:
+    """One request's share of a step: tokens [start, start + length) of `request.all_ids`."""
+
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so a new token is sampled from it."""
+        return self.start + self.length == self.request.num_tokens
+
+
+@dataclass
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_slot_bypass: int
+
+
+class Scheduler:
+    """Decides each step's batch; the engine reports back which requests finished."""
+
+    def __init__(self, limits: SchedulerLimits, kv_cache: KVCache, slots: SlotCache):
+        self.limits = limits
+        self.kv_cache = kv_cache
+        self.slots = slots
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        """The next step's batch, possibly empty when nothing can run."""
+        budget = self.limits.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING or budget == 0:
+                continue
+            length = min(request.num_tokens - request.num_computed, budget)
+            if not self._reserve_blocks(request, request.num_computed + length):
+                continue  # this request itself was preempted
+            batch.append(ScheduledSeq(request, request.num_computed, length))
+            budget -= length
+        budget -= self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: list[ScheduledSeq], budget: int) -> int:
+        used = 0
+        blocked: Request | None = None  # the first request waiting for a slot this step
+        index = 0
+        while index < len(self.waiting) and len(self.running) < self.limits.max_num_seqs and budget - used > 0:
+            request = self.waiting[index]
+            adapter = request.adapter
+            if adapter is not None:
+                if blocked is not None and (
+                    blocked.slot_bypassed >= self.limits.max_slot_bypass or not self.slots.is_resident(adapter)
+                ):
+                    index += 1
+                    continue
+                if not self.slots.can_acquire(adapter):
+                    blocked = blocked or request
+                    index += 1
+                    continue
+            length = min(request.num_tokens, budget - used)
+            blocks = self.kv_cache.blocks_needed(length)
+            if blocks > self.kv_cache.allocator.num_free:
+                break  # KV memory is first-come, first-served: nobody passes a request waiting for it
+            if adapter is not None:
+                request.slot = self.slots.acquire(adapter)
+                if blocked is not None:
+                    blocked.slot_bypassed += 1
+            del self.waiting[index]
+            request.block_table = self.kv_cache.allocator.allocate(blocks)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.append(ScheduledSeq(request, 0, length))
+            used += length
+        return used
+
+    def _reserve_blocks(self, request: Request, num_tokens: int) -> bool:
+        """Grow `request`'s block table to hold `num_tokens`, preempting newer requests if needed.
+
+        Returns:
+            False when `request` itself had to be preempted.
+        """
+        needed = self.kv_cache.blocks_needed(num_tokens) - len(request.block_table)
+        while needed > self.kv_cache.allocator.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        if needed > 0:
+            request.block_table.extend(self.kv_cache.allocator.allocate(needed))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.num_computed = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.allocator.free(request.block_table)
+        request.block_table = []
+        if request.slot is not None:
+            self.slots.release(request.adapter)
+            request.slot = None
+
+    def finish(self, request: Request) -> None:
+        """Free a finished or cancelled request's KV blocks and slot reference at once."""
+        if request.status is RequestStatus.RUNNING:
+            self._release(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+
+    def running_adapters(self) -> list[str]:
+        return sorted({r.adapter.name for r in self.running if r.adapter is not None})
+
+    def waiting_adapters(self) -> list[str]:
+        return sorted({r.adapter.name for r in self.waiting if r.adapter is not None})
