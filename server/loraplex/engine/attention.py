@@ -67,7 +67,7 @@ def _build_group(
     if sliding_window is not None and num_keys > sliding_window:
         sliding = mask & (query_pos.clamp(min=0)[:, :, None] - key_pos[None, None, :] < sliding_window)
         sliding = sliding.unsqueeze(1).to(device)
-    in_order = tokens == rows == list(range(len(tokens)))
+    in_order = tokens == rows == list(range(len(spans) * num_queries))  # no padding, no reordering
     return AttentionGroup(
         tokens=torch.tensor(tokens, dtype=torch.long, device=device),
         rows=torch.tensor(rows, dtype=torch.long, device=device),

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny checkpoints and adapters on disk, and PEFT as the reference to match."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from tiny import make_adapter, make_model
+
+# Adapters that differ in rank, targets and scaling rules, as tenants' adapters do.
+ADAPTER_SPECS = {
+    "r4-qv": dict(rank=4, targets=("q_proj", "v_proj"), seed=1),
+    "r8-attn": dict(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=2),
+    "r16-mlp": dict(rank=16, targets=("gate_proj", "up_proj", "down_proj"), seed=3),
+    "r8-all-rslora": dict(
+        rank=8,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        seed=4,
+        alpha=12,
+        use_rslora=True,
+    ),
+    "r4-patterns": dict(
+        rank=4,
+        targets=("q_proj", "o_proj", "down_proj"),
+        seed=5,
+        rank_pattern={"down_proj": 16},
+        alpha_pattern={"o_proj": 3},
+    ),
+}
+
+
+@dataclass
+class TinySetup:
+    model_dir: Path
+    adapter_dirs: dict[str, Path]
+
+
+def build_setup(root: Path, arch: str, seed: int) -> TinySetup:
+    model_dir = make_model(root / f"{arch}-base", arch, seed=seed)
+    adapters = {
+        name: make_adapter(model_dir, root / f"{arch}-{name}", **spec) for name, spec in ADAPTER_SPECS.items()
+    }
+    return TinySetup(model_dir, adapters)
+
+
+@pytest.fixture(scope="session")
+def tiny_setups(tmp_path_factory) -> dict[str, TinySetup]:
+    """One tiny checkpoint per architecture, each with every adapter of ADAPTER_SPECS."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_setup(root, arch, seed) for seed, arch in enumerate(("llama", "mistral", "qwen2", "qwen3"))}
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_setups) -> TinySetup:
+    return tiny_setups["llama"]
+
+
+def quantization_config(quantize: str) -> BitsAndBytesConfig | None:
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+class PeftOracle:
+    """PEFT's own `generate`, one request at a time with its adapter: the reference outputs."""
+
+    def __init__(self, setup: TinySetup, quantize: str = "none"):
+        quantization = quantization_config(quantize)
+        base = AutoModelForCausalLM.from_pretrained(
+            setup.model_dir,
+            dtype=torch.float32,
+            quantization_config=quantization,
+            device_map="cpu" if quantization is not None else None,
+        )
+        names = list(setup.adapter_dirs)
+        self.model = PeftModel.from_pretrained(base, setup.adapter_dirs[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(setup.adapter_dirs[name], adapter_name=name)
+        self.model.eval()
+        # Generate exactly max_new_tokens, as the engine does with ignore_eos: no EOS stopping, and
+        # no min_new_tokens either, since that edits the logits.
+        self.model.generation_config.eos_token_id = None
+        self.model.generation_config.pad_token_id = 2
+
+    def generate(self, prompt: list[int], adapter: str | None, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+        """Greedy tokens and the [n, V] logits that chose them."""
+        inputs = torch.tensor([prompt])
+        kwargs = dict(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        with torch.no_grad():
+            if adapter is None:
+                with self.model.disable_adapter():
+                    out = self.model.generate(**kwargs)
+            else:
+                self.model.set_adapter(adapter)
+                out = self.model.generate(**kwargs)
+        tokens = out.sequences[0, len(prompt) :].tolist()
+        return tokens, torch.cat(out.logits).float()

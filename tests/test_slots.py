@@ -1,0 +1,143 @@
+"""Device slots: allocation, LRU eviction, reference counts, and the per-step LoRA metadata."""
+
+import pytest
+import torch
+
+from loraplex.engine.lora_ops import add_lora_delta, build_lora_batch, find_segments
+from loraplex.registry.adapter import LoraAdapter
+from loraplex.registry.slots import SlotCache
+
+
+def adapter(name: str) -> LoraAdapter:
+    return LoraAdapter(name=name, rank=4, alpha=8, use_rslora=False, target_modules=[], modules={}, nbytes=0)
+
+
+@pytest.fixture
+def writes():
+    return []
+
+
+@pytest.fixture
+def cache(writes):
+    return SlotCache(2, lambda slot, a: writes.append((slot, None if a is None else a.name)))
+
+
+def test_first_acquire_loads_into_a_free_slot(cache, writes):
+    a = adapter("a")
+    assert cache.acquire(a) == 0
+    assert writes == [(0, "a")]
+    assert (cache.stats.loads, cache.stats.lookups, cache.stats.hits) == (1, 1, 0)
+
+
+def test_second_acquire_is_a_hit_without_a_copy(cache, writes):
+    a = adapter("a")
+    cache.acquire(a)
+    assert cache.acquire(a) == 0
+    assert len(writes) == 1
+    assert cache.stats.hits == 1
+    assert cache.refcount(a) == 2
+
+
+def test_idle_adapters_are_evicted_least_recently_used_first(cache, writes):
+    a, b, c = adapter("a"), adapter("b"), adapter("c")
+    for x in (a, b):
+        cache.acquire(x)
+        cache.release(x)
+    cache.acquire(a)  # a becomes most recently used
+    cache.release(a)
+    slot = cache.acquire(c)
+    assert slot == cache.slot_of(c) == 1  # b's slot
+    assert not cache.is_resident(b) and cache.is_resident(a)
+    assert cache.stats.evictions == 1
+
+
+def test_an_adapter_in_use_is_never_evicted(cache):
+    a, b, c = adapter("a"), adapter("b"), adapter("c")
+    cache.acquire(a)
+    cache.acquire(b)
+    cache.release(b)
+    assert cache.acquire(c) == 1  # b was idle
+    assert cache.acquire(adapter("d")) is None  # a and c are both in use
+    assert cache.is_resident(a) and cache.is_resident(c)
+    assert not cache.can_acquire(adapter("e"))
+
+
+def test_release_makes_a_slot_evictable_again(cache):
+    a, b = adapter("a"), adapter("b")
+    cache.acquire(a)
+    cache.acquire(b)
+    assert not cache.can_acquire(adapter("c"))
+    cache.release(a)
+    assert cache.can_acquire(adapter("c"))
+
+
+def test_release_more_than_acquired_is_an_error(cache):
+    a = adapter("a")
+    cache.acquire(a)
+    cache.release(a)
+    with pytest.raises(RuntimeError):
+        cache.release(a)
+
+
+def test_discard_waits_for_the_last_user(cache, writes):
+    a = adapter("a")
+    cache.acquire(a)
+    assert cache.discard(a) is False
+    cache.release(a)
+    assert cache.discard(a) is True
+    assert writes[-1] == (0, None)
+    assert cache.used == 0
+
+
+def test_versions_of_one_name_are_distinct(cache):
+    old, new = adapter("a"), adapter("a")
+    assert cache.acquire(old) != cache.acquire(new)
+
+
+@pytest.mark.parametrize(
+    "slots, ranks, expected",
+    [
+        ([], {}, []),
+        ([9, 9, 9], {}, []),
+        ([0, 0, 1], {0: 4, 1: 8}, [(0, 0, 2, 4), (1, 2, 3, 8)]),
+        ([2, 2, 9, 0, 0, 0], {2: 8, 0: 4}, [(2, 0, 2, 8), (0, 3, 6, 4)]),
+        ([1, 9, 1], {1: 16}, [(1, 0, 1, 16), (1, 2, 3, 16)]),
+    ],
+)
+def test_find_segments(slots, ranks, expected):
+    assert find_segments(slots, ranks) == expected
+
+
+def test_no_lora_batch_when_no_token_uses_an_adapter():
+    assert build_lora_batch([3, 3, 3], {}, torch.device("cpu")) is None
+
+
+def test_strategy_follows_tokens_per_segment():
+    decode = build_lora_batch([0, 1, 2, 3], {0: 4, 1: 4, 2: 4, 3: 4}, torch.device("cpu"))
+    prefill = build_lora_batch([0] * 64 + [1] * 64, {0: 4, 1: 8}, torch.device("cpu"))
+    assert not decode.use_segments and prefill.use_segments
+    assert prefill.rank == 8
+
+
+@pytest.mark.parametrize("tokens_per_slot", [1, 40])
+def test_both_strategies_compute_each_tokens_own_delta(tokens_per_slot):
+    """Against a per-token loop: y[t] += x[t] @ A[s].T @ B[s].T, nothing for the null slot."""
+    torch.manual_seed(0)
+    num_slots, rank, d_in, d_out = 3, 8, 12, 10
+    lora_a = torch.randn(num_slots + 1, rank, d_in)
+    lora_b = torch.randn(num_slots + 1, d_out, rank)
+    lora_a[num_slots] = 0
+    lora_b[num_slots] = 0
+    lora_a[1, 4:] = 0  # slot 1 holds a rank-4 adapter, zero-padded
+    lora_b[1, :, 4:] = 0
+    slots = [0] * tokens_per_slot + [num_slots] * tokens_per_slot + [1] * tokens_per_slot + [2] * tokens_per_slot
+    x = torch.randn(len(slots), d_in)
+    y = torch.randn(len(slots), d_out)
+    expected = y.clone()
+    for t, s in enumerate(slots):
+        expected[t] += x[t] @ lora_a[s].T @ lora_b[s].T
+    batch = build_lora_batch(slots, {0: 8, 1: 4, 2: 8}, torch.device("cpu"))
+    assert batch.use_segments == (tokens_per_slot >= 16)
+    add_lora_delta(y, x, lora_a, lora_b, batch)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[tokens_per_slot : 2 * tokens_per_slot], expected[tokens_per_slot : 2 * tokens_per_slot])
