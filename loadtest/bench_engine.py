@@ -9,7 +9,8 @@ table. Configurations, each timed after a short warm-up:
     (c) PEFT, one left-padded static batch with `adapter_names` (mixed-batch inference)
     (d) PEFT, one request at a time after `set_adapter`
 
-It builds its own random checkpoints in a temporary directory and must not change the engine.
+Each configuration's figure is its fastest of `--repeats` rounds. It builds its own random
+checkpoints in a temporary directory and must not change the engine.
 
     python -m loadtest.bench_engine [--repeats N] [--json PATH]
 """
@@ -17,19 +18,20 @@ It builds its own random checkpoints in a temporary directory and must not chang
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from rich.console import Console
+from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from loadtest.checkpoints import SPECIAL_TOKENS, ModelShape, make_adapters, make_model
+from loadtest.peft_baseline import load_peft, peft_mixed_batch, peft_one_at_a_time
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import SamplingParams
@@ -64,12 +66,13 @@ class Workload:
 
 @dataclass
 class Timing:
-    seconds: list[float]
+    seconds: list[float]  # one entry per repeat
     outputs: list[list[int]]  # the last repeat's generated ids, one list per request
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
+    def best(self) -> float:
+        """The fastest repeat: on a shared machine, slower ones measure the neighbours."""
+        return min(self.seconds)
 
 
 def make_workload(args, adapter_names: list[str]) -> Workload:
@@ -82,13 +85,11 @@ def make_workload(args, adapter_names: list[str]) -> Workload:
     return Workload(prompts, adapters, args.max_tokens)
 
 
-def timed(run: Callable[[], list[list[int]]], repeats: int) -> Timing:
-    seconds, outputs = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        outputs = run()
-        seconds.append(time.perf_counter() - started)
-    return Timing(seconds, outputs)
+def timed(run: Callable[[Workload], list[list[int]]], workload: Workload, timing: Timing) -> None:
+    """Run `workload` once, adding the wall time to `timing` and keeping the outputs."""
+    started = time.perf_counter()
+    timing.outputs = run(workload)
+    timing.seconds.append(time.perf_counter() - started)
 
 
 # ----- the engine ---------------------------------------------------------------------------
@@ -117,63 +118,11 @@ def build_engine(args, model_dir: Path, adapter_dirs: dict[str, Path]) -> Engine
     return engine
 
 
-# ----- PEFT ---------------------------------------------------------------------------------
-
-
-def load_peft(model_dir: Path, adapter_dirs: dict[str, Path]) -> PeftModel:
-    """The base with every adapter loaded under its name, PEFT's documented way."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    (first, first_dir), *rest = adapter_dirs.items()
-    model = PeftModel.from_pretrained(base, first_dir, adapter_name=first)
-    for name, path in rest:
-        model.load_adapter(path, adapter_name=name)
-    return model.eval()
-
-
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask, both [N, max_len], prompts right-aligned."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask
-
-
-def peft_mixed_batch(model: PeftModel, workload: Workload) -> list[list[int]]:
-    input_ids, attention_mask = left_padded(workload.prompts, model.config.pad_token_id)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        adapter_names=workload.adapters,
-        max_new_tokens=workload.max_tokens,
-        min_new_tokens=workload.max_tokens,
-        do_sample=False,
-    )  # [N, max_len + max_tokens]
-    return output[:, input_ids.shape[1] :].tolist()
-
-
-def peft_one_at_a_time(model: PeftModel, workload: Workload) -> list[list[int]]:
-    outputs = []
-    for prompt, adapter in zip(workload.prompts, workload.adapters):
-        model.set_adapter(adapter)
-        input_ids = torch.tensor([prompt])  # [1, n]
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=workload.max_tokens,
-            min_new_tokens=workload.max_tokens,
-            do_sample=False,
-        )
-        outputs.append(output[0, input_ids.shape[1] :].tolist())
-    return outputs
-
-
 # ----- the run ------------------------------------------------------------------------------
 
 
 def run_benchmark(args, workdir: Path) -> tuple[dict[str, Timing], Workload]:
+    """Build everything, warm every system up, then time (a) to (d) in turn, `repeats` rounds."""
     shape = ModelShape(
         args.hidden_size, args.intermediate_size, args.num_layers, args.num_heads, args.num_kv_heads, args.vocab_size
     )
@@ -181,21 +130,21 @@ def run_benchmark(args, workdir: Path) -> tuple[dict[str, Timing], Workload]:
     adapter_dirs = make_adapters(model_dir, workdir, args.num_adapters, args.rank)
     workload = make_workload(args, list(adapter_dirs))
     warmup = workload.head(max(args.num_adapters, 2), WARMUP_PROMPT)
-
     engine = build_engine(args, model_dir, adapter_dirs)
-    engine_generate(engine, warmup, with_adapters=False)
-    engine_generate(engine, warmup, with_adapters=True)  # also loads every adapter into its slot
-    timings = {}
-    timings["a"] = timed(lambda: engine_generate(engine, workload, with_adapters=False), args.repeats)
-    timings["b"] = timed(lambda: engine_generate(engine, workload, with_adapters=True), args.repeats)
-    del engine
-
     model = load_peft(model_dir, adapter_dirs)
+    runs = {
+        "a": lambda work: engine_generate(engine, work, with_adapters=False),
+        "b": lambda work: engine_generate(engine, work, with_adapters=True),  # warm-up fills the slots
+        "c": lambda work: peft_mixed_batch(model, work.prompts, work.adapters, work.max_tokens),
+        "d": lambda work: peft_one_at_a_time(model, work.prompts, work.adapters, work.max_tokens),
+    }
+    timings = {key: Timing([], []) for key in runs}
     with torch.inference_mode():
-        peft_mixed_batch(model, warmup)
-        timings["c"] = timed(lambda: peft_mixed_batch(model, workload), args.repeats)
-        peft_one_at_a_time(model, warmup.head(1, WARMUP_PROMPT))
-        timings["d"] = timed(lambda: peft_one_at_a_time(model, workload), args.repeats)
+        for run in runs.values():
+            run(warmup)
+        for _ in range(args.repeats):
+            for key, run in runs.items():
+                timed(run, workload, timings[key])
     return timings, workload
 
 
@@ -209,7 +158,7 @@ def summarize(args, timings: dict[str, Timing], workload: Workload) -> dict:
         generated = sum(len(out) for out in timing.outputs)
         if generated != tokens:
             raise RuntimeError(f"{LABELS[key]} generated {generated} tokens, expected {tokens}")
-    throughput = {key: tokens / timing.median for key, timing in timings.items()}
+    throughput = {key: tokens / timing.best for key, timing in timings.items()}
     ratios = {label: throughput[num] / throughput[den] for label, num, den, _ in GOALS}
     n = len(workload.prompts)
     return {
@@ -227,16 +176,13 @@ def summarize(args, timings: dict[str, Timing], workload: Workload) -> dict:
 
 
 def print_report(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     throughput = Table(title=f"{summary['num_requests']} requests x {summary['config']['max_tokens']} new tokens")
     throughput.add_column("configuration")
-    throughput.add_column("seconds (median)", justify="right")
+    throughput.add_column("seconds (best)", justify="right")
     throughput.add_column("output tokens/s", justify="right")
     for key, label in LABELS.items():
-        seconds = statistics.median(summary["seconds"][key])
+        seconds = min(summary["seconds"][key])
         throughput.add_row(label, f"{seconds:.2f}", f"{summary['tokens_per_s'][key]:.1f}")
     console.print(throughput)
     goals = Table(title="goals")
@@ -248,10 +194,11 @@ def print_report(summary: dict) -> None:
     console.print(goals)
     n = summary["num_requests"]
     identical = summary["b_equals_d_requests"] == n
-    console.print(f"outputs identical to PEFT: {'yes' if identical else 'no'} ({summary['b_equals_d_requests']}/{n} requests, (b) vs (d), float32)")
+    matched = f"{summary['b_equals_d_requests']}/{n} requests, (b) vs (d), float32"
+    console.print(f"outputs identical to PEFT: {'yes' if identical else 'no'} ({matched})")
     console.print(f"PEFT mixed batch (c) equal to (d): {summary['c_equals_d_requests']}/{n} requests")
     console.print(f"adapters change the output ((b) vs (a)): {summary['b_differs_from_a_requests']}/{n} requests")
-    console.print(f"total run time: {summary['total_seconds']:.1f} s")
+    console.print(f"total run time: {summary['total_seconds']:.1f} s (build, load, warm-up, timing; imports excluded)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -272,7 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median counts")
+    parser.add_argument("--repeats", type=int, default=1, help="timing rounds over (a)-(d); the fastest of each counts")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if not 1 <= args.min_prompt <= args.max_prompt:
@@ -288,6 +235,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations inside peft
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as workdir:
         timings, workload = run_benchmark(args, Path(workdir))
     summary = summarize(args, timings, workload)

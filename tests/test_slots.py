@@ -108,36 +108,49 @@ def test_find_segments(slots, ranks, expected):
     assert find_segments(slots, ranks) == expected
 
 
+CPU = torch.device("cpu")
+
+
 def test_no_lora_batch_when_no_token_uses_an_adapter():
-    assert build_lora_batch([3, 3, 3], {}, torch.device("cpu")) is None
+    assert build_lora_batch([3, 3, 3], {}, 8, torch.float32, CPU) is None
 
 
-def test_strategy_follows_tokens_per_segment():
-    decode = build_lora_batch([0, 1, 2, 3], {0: 4, 1: 4, 2: 4, 3: 4}, torch.device("cpu"))
-    prefill = build_lora_batch([0] * 64 + [1] * 64, {0: 4, 1: 8}, torch.device("cpu"))
-    assert not decode.use_segments and prefill.use_segments
-    assert prefill.rank == 8
+def test_strategy_follows_tokens_per_segment_and_slot_range():
+    decode_few = build_lora_batch([0, 1, 2, 3], {0: 4, 1: 4, 2: 4, 3: 4}, 16, torch.float32, CPU)
+    decode_many = build_lora_batch([0, 30], {0: 4, 30: 4}, 16, torch.float32, CPU)
+    prefill = build_lora_batch([0] * 64 + [1] * 64, {0: 4, 1: 8}, 16, torch.float32, CPU)
+    assert decode_few.dense_mask is not None and not decode_few.use_segments
+    assert decode_few.dense_mask.shape == (4, 4 * 16)
+    assert decode_many.dense_mask is None and not decode_many.use_segments
+    assert prefill.use_segments and prefill.rank == 8
 
 
-@pytest.mark.parametrize("tokens_per_slot", [1, 40])
-def test_both_strategies_compute_each_tokens_own_delta(tokens_per_slot):
-    """Against a per-token loop: y[t] += x[t] @ A[s].T @ B[s].T, nothing for the null slot."""
+@pytest.mark.parametrize(
+    "tokens_per_slot, high_slot, strategy",
+    [(40, 2, "segment"), (1, 2, "dense"), (1, 39, "gather")],
+)
+def test_every_strategy_computes_each_tokens_own_delta(tokens_per_slot, high_slot, strategy):
+    """Against a per-token loop: y[t] += x[t] @ A[s].T @ B[:, s].T, nothing for the null slot."""
     torch.manual_seed(0)
-    num_slots, rank, d_in, d_out = 3, 8, 12, 10
+    num_slots, rank, d_in, d_out = 40, 8, 12, 10
+    null = num_slots
     lora_a = torch.randn(num_slots + 1, rank, d_in)
-    lora_b = torch.randn(num_slots + 1, d_out, rank)
-    lora_a[num_slots] = 0
-    lora_b[num_slots] = 0
+    lora_b = torch.randn(d_out, num_slots + 1, rank)
+    lora_a[null] = 0
+    lora_b[:, null] = 0
     lora_a[1, 4:] = 0  # slot 1 holds a rank-4 adapter, zero-padded
-    lora_b[1, :, 4:] = 0
-    slots = [0] * tokens_per_slot + [num_slots] * tokens_per_slot + [1] * tokens_per_slot + [2] * tokens_per_slot
+    lora_b[:, 1, 4:] = 0
+    used = [0, null, 1, high_slot]
+    slots = [s for s in used for _ in range(tokens_per_slot)]
     x = torch.randn(len(slots), d_in)
     y = torch.randn(len(slots), d_out)
     expected = y.clone()
     for t, s in enumerate(slots):
-        expected[t] += x[t] @ lora_a[s].T @ lora_b[s].T
-    batch = build_lora_batch(slots, {0: 8, 1: 4, 2: 8}, torch.device("cpu"))
-    assert batch.use_segments == (tokens_per_slot >= 16)
+        expected[t] += x[t] @ lora_a[s].T @ lora_b[:, s].T
+    batch = build_lora_batch(slots, {0: 8, 1: 4, high_slot: 8}, rank, torch.float32, CPU)
+    chosen = "segment" if batch.use_segments else "dense" if batch.dense_mask is not None else "gather"
+    assert chosen == strategy
     add_lora_delta(y, x, lora_a, lora_b, batch)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(y[tokens_per_slot : 2 * tokens_per_slot], expected[tokens_per_slot : 2 * tokens_per_slot])
+    base_rows = slice(tokens_per_slot, 2 * tokens_per_slot)
+    assert torch.equal(y[base_rows], expected[base_rows])

@@ -59,7 +59,7 @@ def _build_group(
         rows.extend(range(i * num_queries, i * num_queries + span.length))
     # kv_index[b, j]: cache slot of position j of sequence b (padding points at slot 0, masked out)
     kv_index = (block_tables[:, :, None] * block_size + torch.arange(block_size)).reshape(len(spans), -1)
-    kv_index = kv_index[:, :num_keys]
+    kv_index = kv_index[:, :num_keys].contiguous()
     key_pos = torch.arange(num_keys)
     # query at position p sees keys 0..p; a padded query (p = -1) sees key 0 so softmax stays finite.
     mask = key_pos[None, None, :] <= query_pos.clamp(min=0)[:, :, None]  # [B, Q, K]
@@ -128,8 +128,9 @@ def paged_attention(
         else:
             queries = q.new_zeros(b * n_q, num_heads, head_dim)
             queries[group.rows] = q[group.tokens]
-        keys = key_cache[group.kv_index]  # [B, K, Hkv, D]
-        values = value_cache[group.kv_index]
+        kv_shape = (b, group.kv_index.shape[1], *key_cache.shape[1:])
+        keys = key_cache.index_select(0, group.kv_index.view(-1)).view(kv_shape)  # [B, K, Hkv, D]
+        values = value_cache.index_select(0, group.kv_index.view(-1)).view(kv_shape)
         mask = group.sliding_mask if sliding and group.sliding_mask is not None else group.mask
         attended = F.scaled_dot_product_attention(
             queries.view(b, n_q, num_heads, head_dim).transpose(1, 2),  # [B, H, Q, D]

@@ -88,7 +88,9 @@ class Engine:
             max_slot_bypass=config.max_num_seqs if config.max_slot_bypass is None else config.max_slot_bypass,
         )
         self.scheduler = Scheduler(limits, self.kv_cache, self.slots)
-        self.runner = ModelRunner(self.base.model, self.kv_cache, self.lora_context, self.base.device)
+        self.runner = ModelRunner(
+            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, self.base.dtype
+        )
         self.eos_ids = self._eos_ids()
         self.adapters: dict[str, LoraAdapter] = {}
         self._retired: list[LoraAdapter] = []
@@ -232,7 +234,10 @@ class Engine:
         for seq in batch:
             seq.request.first_scheduled_time = seq.request.first_scheduled_time or now
         logits, rows = self.runner.run(batch, self.null_slot)
-        scores = logits if self.config.logprobs_mode == "raw_logits" else logits.log_softmax(dim=-1)
+        wants_logprobs = any(batch[i].request.params.logprobs is not None for i in rows.sample_rows)
+        scores = None
+        if rows.prompt_rows or wants_logprobs:
+            scores = logits if self.config.logprobs_mode == "raw_logits" else logits.log_softmax(dim=-1)
         for seq in batch:
             seq.request.num_computed = seq.start + seq.length
         for index, (row, count) in rows.prompt_rows.items():
@@ -246,11 +251,13 @@ class Engine:
                 [r.params for r in requests],
                 [r.generator for r in requests],
             )
-            top_n = max((r.params.logprobs or 0) for r in requests)
-            chosen, top = token_logprobs(scores.index_select(0, picked_rows), tokens, top_n)
+            chosen, top = [None] * len(requests), [None] * len(requests)
+            if wants_logprobs:
+                top_n = max((r.params.logprobs or 0) for r in requests)
+                chosen, top = token_logprobs(scores.index_select(0, picked_rows), tokens, top_n)
             for request, token, logprob, alternatives in zip(requests, tokens.tolist(), chosen, top):
                 n = request.params.logprobs
-                self._append_token(request, token, logprob if n is not None else None, alternatives[:n] if n else None)
+                self._append_token(request, token, logprob if n is not None else None, alternatives[:n] if n is not None else None)
         self._free_retired()
         self.num_steps += 1
         self.last_step_time = time.time()

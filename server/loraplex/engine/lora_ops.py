@@ -4,23 +4,30 @@ Owns: the per-step routing metadata (`LoraBatch`, built once per step and read b
 layer) and `add_lora_delta`, the pure-PyTorch op that a CUDA kernel can later replace. Semantics,
 for every token t of the step whose request sits in slot s = token_slots[t]:
 
-    y[t] += (x[t] @ lora_a[s].T) @ lora_b[s].T        # scaling is folded into lora_b at slot load
+    y[t] += (x[t] @ lora_a[s].T) @ lora_b[:, s].T     # scaling is folded into lora_b at slot load
 
-A token of a base-only request points at the null slot, whose stacks are all zeros.
+A token of a base-only request points at the null slot, whose stacks are all zeros. `lora_b` is
+stored out-major, `[out, slots, rank]`, so that `lora_b[:, s]` is slot s's B and the whole stack
+is also one `[out, slots * rank]` matrix.
 
-Two equivalent strategies, picked per step (Punica's split):
-  * gather  (BGMV-like): gather each token's A and B, then two batched matmuls. Best for decode
-    steps, where tokens are few and adapters many.
+Three equivalent strategies, picked per step:
+  * dense: when the step's slots all lie in a small range [0, hi), multiply by every slot of the
+    range at once and mask each token to its own slot's columns: three ops per layer. Best for
+    decode steps with few adapters, where the cost is in the number of ops, not in flops.
+  * gather (BGMV-like): gather each token's A and B, then two batched matmuls. For decode steps
+    over many slots.
   * segment (SGMV-like): tokens are ordered by slot, so each adapter is a contiguous segment; two
-    dense matmuls per segment. Best for prefill, where segments are long.
+    matmuls per segment. Best for prefill, where segments are long.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-# Average tokens per adapter segment from which the segment strategy beats gathering.
+# Average tokens per adapter segment from which the segment strategy beats the others.
 SEGMENT_MIN_AVG_TOKENS = 16
+# Widest slot range (slots x max rank columns) the dense strategy multiplies through.
+DENSE_MAX_COLUMNS = 256
 
 
 @dataclass
@@ -31,6 +38,7 @@ class LoraBatch:
     segments: list[tuple[int, int, int, int]]  # (slot, start, end, rank) of each adapter run of tokens
     rank: int  # the largest rank in the step: stacks are sliced to it
     use_segments: bool
+    dense_mask: torch.Tensor | None  # [T, hi * max_rank], 1 on each token's own slot columns
 
 
 def find_segments(token_slots: list[int], slot_ranks: dict[int, int]) -> list[tuple[int, int, int, int]]:
@@ -50,23 +58,34 @@ def find_segments(token_slots: list[int], slot_ranks: dict[int, int]) -> list[tu
     return segments
 
 
-def build_lora_batch(token_slots: list[int], slot_ranks: dict[int, int], device: torch.device) -> LoraBatch | None:
+def build_lora_batch(
+    token_slots: list[int], slot_ranks: dict[int, int], max_rank: int, dtype: torch.dtype, device: torch.device
+) -> LoraBatch | None:
     """The step's LoRA metadata, or None when no token of the step uses an adapter.
 
     Args:
         token_slots: the slot of every token of the step, in the step's token order.
         slot_ranks: the rank of each slot used by an adapter this step (the null slot is absent).
+        max_rank: the stacks' rank (`max_lora_rank`).
+        dtype: the stacks' dtype.
         device: where the forward runs.
     """
     segments = find_segments(token_slots, slot_ranks)
     if not segments:
         return None
+    slots = torch.tensor(token_slots, dtype=torch.long, device=device)
     use_segments = len(token_slots) >= SEGMENT_MIN_AVG_TOKENS * len(segments)
+    dense_mask = None
+    hi = max(slot_ranks) + 1
+    if not use_segments and hi * max_rank <= DENSE_MAX_COLUMNS:
+        column_slot = torch.arange(hi, device=device).repeat_interleave(max_rank)  # [hi * R]
+        dense_mask = (column_slot[None, :] == slots[:, None]).to(dtype)  # [T, hi * R]
     return LoraBatch(
-        token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+        token_slots=slots,
         segments=segments,
         rank=max(slot_ranks.values()),
         use_segments=use_segments,
+        dense_mask=dense_mask,
     )
 
 
@@ -77,17 +96,27 @@ def add_lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
         y: [T, out] the base layer's output.
         x: [T, in] the layer's input.
         lora_a: [S + 1, R, in] slot stack of A matrices (last slot: null).
-        lora_b: [S + 1, out, R] slot stack of B matrices, pre-multiplied by each adapter's scaling.
+        lora_b: [out, S + 1, R] slot stack of B matrices, pre-multiplied by each adapter's scaling.
         batch: the step's routing metadata.
     """
-    x = x.to(lora_a.dtype)
+    if x.dtype != lora_a.dtype or y.dtype != lora_a.dtype:
+        delta = torch.zeros(y.shape, dtype=lora_a.dtype, device=y.device)
+        add_lora_delta(delta, x.to(lora_a.dtype), lora_a, lora_b, batch)
+        y += delta.to(y.dtype)
+        return
     if batch.use_segments:
         for slot, start, end, rank in batch.segments:
             shrunk = x[start:end] @ lora_a[slot, :rank].T  # [n, r]
-            y[start:end].addmm_(shrunk.to(y.dtype), lora_b[slot, :, :rank].T.to(y.dtype))
+            y[start:end].addmm_(shrunk, lora_b[:, slot, :rank].T)
+        return
+    if batch.dense_mask is not None:
+        columns = batch.dense_mask.shape[1]  # hi * R
+        shrunk = x @ lora_a.view(-1, lora_a.shape[2])[:columns].T  # [T, hi * R]
+        shrunk.mul_(batch.dense_mask)
+        y.addmm_(shrunk, lora_b.view(lora_b.shape[0], -1)[:, :columns].T)
         return
     rank = batch.rank
     a = lora_a[:, :rank].index_select(0, batch.token_slots)  # [T, r, in]
     shrunk = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))  # [T, 1, r]
-    b = lora_b[:, :, :rank].index_select(0, batch.token_slots)  # [T, out, r]
-    y.unsqueeze(1).baddbmm_(shrunk.to(y.dtype), b.transpose(1, 2).to(y.dtype))  # y: [T, 1, out]
+    b = lora_b[:, :, :rank].index_select(1, batch.token_slots)  # [out, T, r]
+    y.unsqueeze(1).baddbmm_(shrunk, b.permute(1, 2, 0))  # y: [T, 1, out]

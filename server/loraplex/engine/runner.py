@@ -64,10 +64,22 @@ class ModelRunner:
         kv_cache: the paged cache sized for this model.
         lora_context: shared with every wrapper; set here around each forward.
         device: where the model lives.
+        max_lora_rank: the slot stacks' rank.
+        lora_dtype: the slot stacks' dtype.
     """
 
-    def __init__(self, model: nn.Module, kv_cache: KVCache, lora_context: LoraContext, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        lora_context: LoraContext,
+        device: torch.device,
+        max_lora_rank: int,
+        lora_dtype: torch.dtype,
+    ):
         self.model = model
+        self.max_lora_rank = max_lora_rank
+        self.lora_dtype = lora_dtype
         self.decoder = model.model
         self.kv_cache = kv_cache
         self.lora_context = lora_context
@@ -112,7 +124,7 @@ class ModelRunner:
         attention = build_attention_batch(
             spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device
         )
-        lora = build_lora_batch(token_slots, slot_ranks, self.device)
+        lora = build_lora_batch(token_slots, slot_ranks, self.max_lora_rank, self.lora_dtype, self.device)
         tensors = (
             torch.tensor(token_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
