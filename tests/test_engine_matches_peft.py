@@ -10,7 +10,7 @@ import torch
 from conftest import ADAPTER_SPECS, PeftOracle
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
-from loraplex.engine.request import SamplingParams
+from loraplex.engine.request import Completion, SamplingParams
 from tiny import VOCAB_SIZE
 
 MAX_NEW = 10
@@ -106,7 +106,7 @@ def test_requests_joining_mid_decode_equal_peft(tiny_setups, arch):
             engine.step()
     while engine.scheduler.has_work():
         engine.step()
-    completions = [engine._completion(events[rid], prompt) for rid, prompt in zip(order, prompts)]
+    completions = [Completion.from_events(events[rid], prompt) for rid, prompt in zip(order, prompts)]
     assert_matches(PeftOracle(setup), REQUESTS, prompts, completions)
 
 

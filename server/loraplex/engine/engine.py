@@ -220,7 +220,7 @@ class Engine:
         self._drain_inbox()
         while self.scheduler.has_work():
             self.step()
-        return [self._completion(collected[i], list(prompt)) for i, prompt in zip(ids, prompts)]
+        return [Completion.from_events(collected[i], list(prompt)) for i, prompt in zip(ids, prompts)]
 
     # ----- the step loop --------------------------------------------------------------------
 
@@ -371,19 +371,3 @@ class Engine:
             self._finish(request, FinishReason.ERROR)
             if live is not None:
                 live.sink(TokenEvent(request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message))
-
-    @staticmethod
-    def _completion(events: list[TokenEvent], prompt_ids: list[int]) -> Completion:
-        tokens = [e for e in events if e.token_id is not None]
-        last = events[-1]
-        first_prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
-        return Completion(
-            request_id=last.request_id,
-            prompt_ids=prompt_ids,
-            output_ids=[e.token_id for e in tokens],
-            text="".join(e.text for e in events),
-            finish_reason=last.finish_reason,
-            logprobs=[e.logprob for e in tokens if e.logprob is not None],
-            top_logprobs=[e.top_logprobs for e in tokens if e.top_logprobs is not None],
-            prompt_logprobs=first_prompt,
-        )

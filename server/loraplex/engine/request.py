@@ -112,6 +112,21 @@ class Completion:
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
     prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
 
+    @classmethod
+    def from_events(cls, events: list[TokenEvent], prompt_ids: list[int]) -> "Completion":
+        """Gather one request's streamed events (the last carries the finish reason)."""
+        tokens = [e for e in events if e.token_id is not None]
+        return cls(
+            request_id=events[-1].request_id,
+            prompt_ids=prompt_ids,
+            output_ids=[e.token_id for e in tokens],
+            text="".join(e.text for e in events),
+            finish_reason=events[-1].finish_reason,
+            logprobs=[e.logprob for e in tokens if e.logprob is not None],
+            top_logprobs=[e.top_logprobs for e in tokens if e.top_logprobs is not None],
+            prompt_logprobs=next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None),
+        )
+
 
 @dataclass(eq=False)
 class Request:
