@@ -21,13 +21,5 @@ class AdapterNotFound(LoraplexError):
     """No adapter of that name (or directory) exists."""
 
 
-class AdapterTooLarge(AdapterInvalid):
-    """An adapter exceeds a configured size limit."""
-
-
 class RequestInvalid(LoraplexError):
     """A generation request cannot be run as given (too long, bad sampling values)."""
-
-
-class NoSlotAvailable(LoraplexError):
-    """Every device slot holds an adapter that a running request still uses."""

@@ -32,10 +32,6 @@ class BaseModel:
     quantize: str
     name: str
 
-    @property
-    def hf_config(self):
-        return self.model.config
-
 
 def resolve_device(device: str) -> torch.device:
     """`auto` means CUDA when present; asking for CUDA without one is an error, not a fallback."""

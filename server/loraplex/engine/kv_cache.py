@@ -59,8 +59,3 @@ class KVCache:
     def slot(self, block_table: list[int], position: int) -> int:
         """The flat cache index of the token at `position` of a sequence."""
         return block_table[position // self.block_size] * self.block_size + position % self.block_size
-
-    @staticmethod
-    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """K and V of one token across all layers."""
-        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

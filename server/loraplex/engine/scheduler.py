@@ -147,9 +147,3 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
-
-    def running_adapters(self) -> list[str]:
-        return sorted({r.adapter.name for r in self.running if r.adapter is not None})
-
-    def waiting_adapters(self) -> list[str]:
-        return sorted({r.adapter.name for r in self.waiting if r.adapter is not None})

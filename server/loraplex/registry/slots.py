@@ -120,6 +120,3 @@ class SlotCache:
     @property
     def used(self) -> int:
         return len(self._resident)
-
-    def resident_names(self) -> list[str]:
-        return [entry.adapter.name for entry in self._resident.values()]
