@@ -293,7 +293,6 @@ class Engine:
             event.text += live.detokenizer.flush()
             event.finish_reason = finish
             self._finish(request, finish)
-        request.output_text = live.detokenizer.text
         live.sink(event)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:

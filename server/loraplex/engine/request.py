@@ -138,7 +138,6 @@ class Request:
     params: SamplingParams
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
-    output_text: str = ""
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
