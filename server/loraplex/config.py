@@ -1,9 +1,11 @@
-"""The engine's configuration: one object, built once, passed explicitly.
+"""Configuration: one object per layer, built once, passed explicitly.
 
-Owns: every tunable of the base model, the LoRA slots, the KV cache and the scheduler, with their
-defaults and bounds. It must not read flags or the environment itself; the CLI does that.
+Owns: `EngineConfig` (every tunable of the base model, the LoRA slots, the KV cache and the
+scheduler) and `ServerConfig` (the HTTP server around an engine), with their defaults and bounds.
+It must not read flags or the environment itself; the CLI does that.
 """
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,6 +29,8 @@ class EngineConfig(BaseModel):
         logprobs_mode: what per-token logprobs carry; `raw_logits` exposes the logits themselves.
         max_slot_bypass: how many later adapter requests may be admitted ahead of one that waits
             for a slot before admission becomes strictly first-come (no starvation).
+        max_queue: requests that may wait for admission; past it `add_request` raises `QueueFull`.
+            None means unbounded.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,9 +48,47 @@ class EngineConfig(BaseModel):
     num_kv_blocks: int | None = Field(default=None, ge=1)
     logprobs_mode: Literal["raw_logprobs", "raw_logits"] = "raw_logprobs"
     max_slot_bypass: int | None = Field(default=None, ge=0)
+    max_queue: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
         if self.quantize != "none" and self.dtype == "float16" and self.device == "cpu":
             raise ValueError("quantized bases on CPU need float32 compute: use --dtype float32 or auto")
         return self
+
+
+class ServerConfig(BaseModel):
+    """The HTTP server: where it listens, where adapters live, who may call it.
+
+    Args:
+        engine: the engine it owns.
+        served_model_name: the id of the base model in the API; the model directory's name by default.
+        adapters: the adapter store directory (created when missing).
+        host / port: where to listen.
+        max_adapter_bytes: the largest adapter upload accepted, in bytes.
+        api_keys: a TOML file of keys, tenants and roles; None leaves the server open.
+        lora_roots: directories `POST /v1/load_lora_adapter` may read from; the store by default.
+        drain_timeout: seconds SIGTERM waits for running requests before exiting.
+        retry_after: seconds a 429 or 503 tells the client to wait.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: EngineConfig
+    served_model_name: str | None = None
+    adapters: Path = Path("adapters")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_adapter_bytes: int = Field(default=1 << 30, ge=1)
+    api_keys: Path | None = None
+    lora_roots: tuple[Path, ...] = ()
+    drain_timeout: float = Field(default=30.0, ge=0)
+    retry_after: int = Field(default=1, ge=0)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.engine.model).resolve().name
+
+    @property
+    def allowed_lora_roots(self) -> tuple[Path, ...]:
+        return self.lora_roots or (self.adapters,)

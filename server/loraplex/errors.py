@@ -23,3 +23,31 @@ class AdapterNotFound(LoraplexError):
 
 class RequestInvalid(LoraplexError):
     """A generation request cannot be run as given (too long, bad sampling values)."""
+
+
+class AdapterMalformed(AdapterInvalid):
+    """An adapter's files cannot even be read: not JSON, not safetensors, a pickle."""
+
+
+class AdapterTooLarge(LoraplexError):
+    """An upload is over the configured size limit."""
+
+
+class AdapterExists(LoraplexError):
+    """An adapter of that name exists and the caller did not ask to overwrite it."""
+
+
+class QueueFull(LoraplexError):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class ServerDraining(LoraplexError):
+    """The server is shutting down and takes no new requests."""
+
+
+class Unauthorized(LoraplexError):
+    """No API key, or one the server does not know."""
+
+
+class Forbidden(LoraplexError):
+    """The caller's key is valid but its role may not do this (admin-only routes)."""

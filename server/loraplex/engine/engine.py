@@ -34,8 +34,9 @@ from loraplex.engine.request import (
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.sampling import sample, token_logprobs
 from loraplex.engine.scheduler import Scheduler, SchedulerLimits
+from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import RequestStream
-from loraplex.errors import AdapterNotFound, RequestInvalid
+from loraplex.errors import AdapterNotFound, QueueFull, RequestInvalid
 from loraplex.registry.adapter import LoraAdapter, build_adapter, load_adapter
 from loraplex.registry.slots import SlotCache
 
@@ -57,10 +58,12 @@ class Engine:
     Args:
         config: the engine configuration.
         base: an already loaded base model; loaded from `config.model` when omitted.
+        observer: receives per-step, per-token and per-request callbacks (metrics).
     """
 
-    def __init__(self, config: EngineConfig, base: BaseModel | None = None):
+    def __init__(self, config: EngineConfig, base: BaseModel | None = None, observer: EngineObserver | None = None):
         self.config = config
+        self.observer = observer or EngineObserver()
         self.base = base or load_base_model(config)
         hf_config = self.base.model.config
         self.max_model_len = config.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096), 4096)
@@ -99,8 +102,10 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.last_step_time = 0.0
+        self._queued = 0  # requests added but never admitted yet (the bounded queue)
+        self._queued_lock = threading.Lock()
         self.num_steps = 0
+        self.snapshot = EngineSnapshot(slots_total=config.max_loras)
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.base.model.generation_config, "eos_token_id", None)
@@ -163,6 +168,7 @@ class Engine:
             if adapter not in self.adapters:
                 raise AdapterNotFound(f"adapter {adapter!r} is not loaded")
             adapter = self.adapters[adapter]
+        self._reserve_queue_place()
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.base.device)
@@ -173,6 +179,16 @@ class Engine:
         detokenizer = Detokenizer(self.base.tokenizer, prompt_ids, params.stop)
         self._send("add", _Live(request, detokenizer, sink or (lambda event: None)))
         return request.request_id
+
+    def _reserve_queue_place(self) -> None:
+        with self._queued_lock:
+            if self.config.max_queue is not None and self._queued >= self.config.max_queue:
+                raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+            self._queued += 1
+
+    def _release_queue_place(self) -> None:
+        with self._queued_lock:
+            self._queued -= 1
 
     def cancel(self, request_id: str) -> None:
         """Abort a request: its KV blocks and slot reference are freed at the next step boundary."""
@@ -232,7 +248,9 @@ class Engine:
             return
         now = time.monotonic()
         for seq in batch:
-            seq.request.first_scheduled_time = seq.request.first_scheduled_time or now
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = now
+                self._release_queue_place()
         logits, rows = self.runner.run(batch, self.null_slot)
         wants_logprobs = any(batch[i].request.params.logprobs is not None for i in rows.sample_rows)
         scores = None
@@ -260,7 +278,32 @@ class Engine:
                 self._append_token(request, token, logprob if n is not None else None, alternatives[:n] if n is not None else None)
         self._free_retired()
         self.num_steps += 1
-        self.last_step_time = time.time()
+        self.observer.step(len(batch))
+        for seconds in self.slots.stats.load_seconds:
+            self.observer.adapter_loaded(seconds)
+        self.slots.stats.load_seconds.clear()
+        self._publish(time.time())
+
+    def _publish(self, step_time: float) -> None:
+        scheduler, stats = self.scheduler, self.slots.stats
+
+        def names(requests) -> tuple[str, ...]:
+            return tuple(sorted({r.adapter.name for r in requests if r.adapter is not None}))
+
+        self.snapshot = EngineSnapshot(
+            time=step_time,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            running_adapters=names(scheduler.running),
+            waiting_adapters=names(scheduler.waiting),
+            kv_cache_usage=self.kv_cache.allocator.usage,
+            slots_used=self.slots.used,
+            slots_total=self.slots.num_slots,
+            adapter_loads=stats.loads,
+            adapter_evictions=stats.evictions,
+            adapter_lookups=stats.lookups,
+            adapter_hits=stats.hits,
+        )
 
     def _score_prompt(self, request: Request, scores: torch.Tensor) -> None:
         first = len(request.prompt_logprobs)
@@ -271,6 +314,7 @@ class Engine:
     def _append_token(self, request: Request, token: int, logprob, alternatives) -> None:
         live = self._live[request.request_id]
         now = time.monotonic()
+        gap = None if request.last_token_time is None else now - request.last_token_time
         request.first_token_time = request.first_token_time or now
         request.last_token_time = now
         request.output_ids.append(token)
@@ -286,6 +330,7 @@ class Engine:
                 finish = FinishReason.STOP
         if finish is None and (len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len):
             finish = FinishReason.LENGTH
+        self.observer.token(request, gap)
         event = TokenEvent(request.request_id, token, text, logprob, alternatives)
         if len(request.output_ids) == 1 and request.prompt_logprobs is not None:
             event.prompt_logprobs = list(request.prompt_logprobs)
@@ -297,8 +342,11 @@ class Engine:
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         request.finish_reason = reason
+        if request.first_scheduled_time is None:
+            self._release_queue_place()
         self.scheduler.finish(request)
         self._live.pop(request.request_id, None)
+        self.observer.finished(request, time.monotonic())
 
     # ----- inbox and background loop --------------------------------------------------------
 
@@ -323,6 +371,7 @@ class Engine:
             elif kind == "retire":
                 self._retired.append(payload)
                 self._free_retired()
+            self._publish(self.snapshot.time)
 
     def _free_retired(self) -> None:
         if self._retired:

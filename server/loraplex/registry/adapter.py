@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from loraplex.errors import AdapterInvalid, AdapterNotFound
+from loraplex.errors import AdapterInvalid, AdapterMalformed, AdapterNotFound
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -192,20 +192,20 @@ def parse_config(raw: bytes | str) -> dict:
     try:
         config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterInvalid(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+        raise AdapterMalformed(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise AdapterInvalid(f"{CONFIG_FILE} must hold a JSON object")
+        raise AdapterMalformed(f"{CONFIG_FILE} must hold a JSON object")
     return config
 
 
 def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes; a pickle or any other format is refused, never unpickled."""
     if raw[:1] == b"\x80" or raw[:2] == b"PK":
-        raise AdapterInvalid(f"{WEIGHTS_FILE} looks like a pickle/torch.save file; only safetensors is accepted")
+        raise AdapterMalformed(f"{WEIGHTS_FILE} looks like a pickle/torch.save file; only safetensors is accepted")
     try:
         return load_safetensors_bytes(raw)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterInvalid(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+        raise AdapterMalformed(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
 
 
 def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -225,11 +225,11 @@ def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not weights_path.is_file():
         pickled = [name for name in PICKLE_FILES if (path / name).exists()]
         if pickled:
-            raise AdapterInvalid(
+            raise AdapterMalformed(
                 f"{path} holds {pickled[0]}, a pickle file; loraplex reads safetensors only "
                 "(save with safe_serialization=True)"
             )
-        raise AdapterInvalid(f"{path} has no {WEIGHTS_FILE}")
+        raise AdapterMalformed(f"{path} has no {WEIGHTS_FILE}")
     return parse_config(config_path.read_bytes()), parse_weights(weights_path.read_bytes())
 
 

@@ -1,0 +1,58 @@
+"""What the engine reports about itself, for metrics and health checks.
+
+Owns: `EngineObserver`, the callbacks the engine makes from its own thread as requests progress
+(the default does nothing), and `EngineSnapshot`, an immutable picture of the engine's queues,
+KV cache and slots that the engine republishes after every step. Other threads read the snapshot
+instead of the scheduler's live lists, which only the engine thread may touch. Nothing here
+knows about Prometheus.
+"""
+
+from dataclasses import dataclass
+
+from loraplex.engine.request import Request
+
+
+class EngineObserver:
+    """Hooks called on the engine thread; subclass and override what you need. Keep them cheap."""
+
+    def step(self, num_seqs: int) -> None:
+        """One forward pass ran over `num_seqs` sequences."""
+
+    def token(self, request: Request, gap: float | None) -> None:
+        """`request` got a token; `gap` is the seconds since its previous one (None for the first)."""
+
+    def finished(self, request: Request, now: float) -> None:
+        """`request` ended (any finish reason) at monotonic time `now`."""
+
+    def adapter_loaded(self, seconds: float) -> None:
+        """An adapter was copied into a device slot in `seconds`."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state after its latest step.
+
+    Args:
+        time: wall-clock time (`time.time()`) of the latest step; 0 before the first.
+        num_running: sequences holding KV blocks and (when they use an adapter) a slot.
+        num_waiting: requests queued for admission, preempted ones included.
+        running_adapters: names of the adapters the running sequences use, sorted, no repeats.
+        waiting_adapters: the same for waiting requests.
+        kv_cache_usage: fraction of KV blocks in use, in [0, 1].
+        slots_used: device slots holding an adapter.
+        slots_total: device slots (`max_loras`).
+        adapter_loads / adapter_evictions / adapter_lookups / adapter_hits: slot counters since start.
+    """
+
+    time: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    kv_cache_usage: float = 0.0
+    slots_used: int = 0
+    slots_total: int = 0
+    adapter_loads: int = 0
+    adapter_evictions: int = 0
+    adapter_lookups: int = 0
+    adapter_hits: int = 0
