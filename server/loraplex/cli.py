@@ -1,7 +1,8 @@
 """The `loraplex` command line: thin commands over the library.
 
-Owns: argument parsing and printing. Every command builds one `EngineConfig` and calls library
-functions; no serving logic lives here.
+Owns: argument parsing (every `serve` flag also reads a `LORAPLEX_*` environment variable) and
+printing. Every command builds one config object and calls library functions; no serving logic
+lives here.
 """
 
 from pathlib import Path
@@ -54,3 +55,83 @@ def generate(
         raise typer.Exit(code=2) from None
     typer.echo(completion.text)
     console.print(f"[{len(completion.output_ids)} tokens, finish reason: {completion.finish_reason.value}]")
+
+
+def _option(help_text: str, env: str, **kwargs):
+    return typer.Option(help=help_text, envvar=f"LORAPLEX_{env}", show_envvar=True, **kwargs)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, _option("Hugging Face checkpoint directory of the base model.", "MODEL")],
+    served_model_name: Annotated[
+        str | None, _option("The base model's id in the API (default: the directory name).", "SERVED_MODEL_NAME")
+    ] = None,
+    adapters: Annotated[Path, _option("Adapter store directory (created if missing).", "ADAPTERS")] = Path("adapters"),
+    quantize: Annotated[str, _option("none, nf4 or int8 (bitsandbytes).", "QUANTIZE")] = "none",
+    dtype: Annotated[str, _option("auto, float32, bfloat16 or float16.", "DTYPE")] = "auto",
+    device: Annotated[str, _option("auto, cpu or cuda.", "DEVICE")] = "auto",
+    host: Annotated[str, _option("Address to listen on.", "HOST")] = "127.0.0.1",
+    port: Annotated[int, _option("Port to listen on.", "PORT")] = 8000,
+    max_loras: Annotated[int, _option("Device slots: distinct adapters one step may mix.", "MAX_LORAS")] = 8,
+    max_lora_rank: Annotated[int, _option("Largest adapter rank accepted.", "MAX_LORA_RANK")] = 64,
+    max_num_seqs: Annotated[int, _option("Sequences running in one step at most.", "MAX_NUM_SEQS")] = 32,
+    max_model_len: Annotated[
+        int | None, _option("Prompt plus generated tokens of one sequence (default: the model's, up to 4096).", "MAX_MODEL_LEN")
+    ] = None,
+    max_queue: Annotated[int, _option("Requests that may wait; past it, 429.", "MAX_QUEUE")] = 256,
+    max_adapter_bytes: Annotated[int, _option("Largest adapter upload, in bytes.", "MAX_ADAPTER_BYTES")] = 1 << 30,
+    api_keys: Annotated[Path | None, _option("TOML file of API keys, tenants and roles.", "API_KEYS")] = None,
+    lora_roots: Annotated[
+        list[Path] | None, _option("Directories /v1/load_lora_adapter may read (default: the store).", "LORA_ROOTS")
+    ] = None,
+    drain_timeout: Annotated[float, _option("Seconds SIGTERM waits for running requests.", "DRAIN_TIMEOUT")] = 30.0,
+) -> None:
+    """Serve the OpenAI-compatible API, adapter management and metrics over HTTP."""
+    from pydantic import ValidationError
+
+    from loraplex.config import EngineConfig, ServerConfig
+    from loraplex.errors import LoraplexError
+    from loraplex.server import build_services, run
+
+    try:
+        engine_config = EngineConfig(
+            model=str(model),
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            max_queue=max_queue,
+        )
+        config = ServerConfig(
+            engine=engine_config,
+            served_model_name=served_model_name,
+            adapters=adapters,
+            host=host,
+            port=port,
+            max_adapter_bytes=max_adapter_bytes,
+            api_keys=api_keys,
+            lora_roots=tuple(lora_roots or ()),
+            drain_timeout=drain_timeout,
+        )
+        svc, problems = build_services(config)
+    except (LoraplexError, ValueError, ValidationError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    base = svc.engine.base
+    console.print(f"model: {config.model_name} ({config.engine.model})")
+    console.print(f"device: {base.device}, dtype: {str(base.dtype).removeprefix('torch.')}, quantization: {base.quantize}")
+    names = svc.catalog.names()
+    console.print(f"adapters in {config.adapters}: {', '.join(names) if names else 'none'}")
+    for name, problem in problems:
+        console.print(f"[yellow]skipped adapter {name}:[/yellow] {problem}")
+    if svc.keys.open_access:
+        console.print(
+            "[yellow]warning:[/yellow] no --api-keys file: the server is open, every caller is the admin of one "
+            "default tenant"
+        )
+    console.print(f"listening on http://{config.host}:{config.port}")
+    run(svc)

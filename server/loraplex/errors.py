@@ -6,7 +6,16 @@ place; nothing here knows about HTTP.
 
 
 class LoraplexError(Exception):
-    """Base class of every error loraplex raises on purpose."""
+    """Base class of every error loraplex raises on purpose.
+
+    Args:
+        message: what went wrong, phrased for the caller.
+        param: the request field at fault, when there is one (reported as OpenAI's `param`).
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelLoadError(LoraplexError):
@@ -51,3 +60,7 @@ class Unauthorized(LoraplexError):
 
 class Forbidden(LoraplexError):
     """The caller's key is valid but its role may not do this (admin-only routes)."""
+
+
+class EngineFailed(LoraplexError):
+    """The engine failed while running a request; not the caller's fault."""

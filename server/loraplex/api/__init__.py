@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routes over one engine and one adapter catalog."""

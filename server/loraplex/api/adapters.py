@@ -1,0 +1,131 @@
+"""Adapter management routes: upload, list, show, delete, and vLLM's load/unload.
+
+Owns: the HTTP side of adapter management. `POST /v1/adapters` takes multipart form data
+(`name`, `config` = adapter_config.json, `weights` = adapter_model.safetensors, optional
+`chat_template`, `overwrite`, `shared`), reads the body with a hard byte limit before parsing it,
+and hands the files to the catalog, which validates, stores and serves them. The vLLM-compatible
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are admin-only. Tenancy rules live in the
+catalog, not here.
+"""
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from loraplex.api.auth import caller
+from loraplex.api.schemas import LoadLoraRequest, UnloadLoraRequest
+from loraplex.api.services import Services, services
+from loraplex.errors import AdapterTooLarge, RequestInvalid
+from loraplex.tenancy import Principal
+
+router = APIRouter()
+
+FORM_OVERHEAD = 1 << 20  # room for the config, the template and multipart framing
+_FIELDS = {"name", "config", "weights", "chat_template", "overwrite", "shared"}
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise AdapterTooLarge(f"the upload is {declared} bytes; the limit is {limit} (--max-adapter-bytes)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise AdapterTooLarge(f"the upload is over the limit of {limit} bytes (--max-adapter-bytes)")
+    return bytes(body)
+
+
+def _replay(request: Request, body: bytes) -> Request:
+    """A request whose body is `body`, already read, so the form parser can read it again."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+def _flag(form, name: str) -> bool:
+    value = form.get(name)
+    if value is None:
+        return False
+    if isinstance(value, UploadFile) or value.lower() not in ("true", "false", "1", "0"):
+        raise RequestInvalid(f"{name} must be true or false", param=name)
+    return value.lower() in ("true", "1")
+
+
+async def _file(form, name: str, required: bool) -> bytes | None:
+    value = form.get(name)
+    if value is None:
+        if required:
+            raise RequestInvalid(f"the form field {name!r} is missing", param=name)
+        return None
+    if isinstance(value, UploadFile):
+        return await value.read()
+    return value.encode()
+
+
+@router.post("/v1/adapters")
+async def upload_adapter(request: Request, svc: Services = Depends(services), principal: Principal = Depends(caller)):
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestInvalid("upload adapters as multipart/form-data with fields name, config and weights")
+    body = await _bounded_body(request, svc.config.max_adapter_bytes + FORM_OVERHEAD)
+    async with _replay(request, body).form(max_files=3, max_fields=8) as form:
+        unknown = set(form.keys()) - _FIELDS
+        if unknown:
+            raise RequestInvalid(f"unknown form fields: {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+        name = form.get("name")
+        if not isinstance(name, str):
+            raise RequestInvalid("the form field 'name' is missing", param="name")
+        config = await _file(form, "config", required=True)
+        weights = await _file(form, "weights", required=True)
+        template_bytes = await _file(form, "chat_template", required=False)
+        overwrite, shared = _flag(form, "overwrite"), _flag(form, "shared")
+    try:
+        template = None if template_bytes is None else template_bytes.decode()
+    except UnicodeDecodeError:
+        raise RequestInvalid("chat_template must be UTF-8 text", param="chat_template") from None
+    record, replaced = await run_in_threadpool(
+        svc.catalog.upload, name, config, weights, principal, template, overwrite, shared
+    )
+    return JSONResponse(record.describe(), status_code=200 if replaced else 201)
+
+
+@router.get("/v1/adapters")
+def list_adapters(svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
+    return {"object": "list", "data": [record.describe() for record in svc.catalog.visible_to(principal)]}
+
+
+@router.get("/v1/adapters/{name}")
+def get_adapter(name: str, svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
+    return svc.catalog.get(name, principal).describe()
+
+
+@router.delete("/v1/adapters/{name}")
+async def delete_adapter(name: str, svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
+    await run_in_threadpool(svc.catalog.delete, name, principal)
+    return {"id": name, "object": "adapter", "deleted": True}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(
+    body: LoadLoraRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)
+) -> PlainTextResponse:
+    principal.require_admin()
+    await run_in_threadpool(svc.catalog.load_path, body.lora_name, body.lora_path, principal)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(
+    body: UnloadLoraRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)
+) -> PlainTextResponse:
+    principal.require_admin()
+    await run_in_threadpool(svc.catalog.unload, body.lora_name, principal)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

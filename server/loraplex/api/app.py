@@ -1,0 +1,67 @@
+"""The FastAPI application: routes, error handling, health, metrics, and the engine's lifetime.
+
+Owns: `create_app`, which wires the route modules to one `Services`, starts the engine loop when
+the app starts and stops it when the app stops, refuses new `/v1` work with 503 while the server
+drains, and serves `GET /health` and `GET /metrics` (both cheap: they read the engine's published
+snapshot and never wait for a step).
+"""
+
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from loraplex.api import adapters, chat, completions, models
+from loraplex.api.errors import install_error_handlers
+from loraplex.api.services import Services, services
+from loraplex.errors import ServerDraining
+from loraplex.metrics import INVALID, REJECTED
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def refuse_when_draining(svc: Services = Depends(services)) -> None:
+    if svc.draining:
+        raise ServerDraining("the server is shutting down; retry on another replica")
+
+
+def create_app(svc: Services) -> FastAPI:
+    """An app serving `svc`'s engine; the engine loop runs while the app does."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc.engine.start()
+        try:
+            yield
+        finally:
+            svc.engine.stop()
+
+    app = FastAPI(title="loraplex", summary="Multi-LoRA serving with an OpenAI-compatible API", lifespan=lifespan)
+    app.state.services = svc
+
+    def on_refused(request: Request, status: int) -> None:
+        if request.url.path not in GENERATION_PATHS:
+            return
+        if status in (429, 503):
+            svc.metrics.request_rejected(REJECTED)
+        elif 400 <= status < 500:
+            svc.metrics.request_rejected(INVALID)
+
+    install_error_handlers(app, svc.config.retry_after, on_refused)
+    admitted = [Depends(refuse_when_draining)]
+    for module in (completions, chat, models, adapters):
+        app.include_router(module.router, dependencies=admitted)
+
+    @app.get("/health")
+    def health() -> Response:
+        if svc.engine.alive and not svc.draining:
+            return JSONResponse({"status": "ok"})
+        reason = "draining" if svc.draining else "engine loop not running"
+        return JSONResponse({"status": reason}, status_code=503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body, content_type = svc.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app

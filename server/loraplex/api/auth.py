@@ -1,0 +1,114 @@
+"""API keys: who is calling, and may they do this.
+
+Owns: reading the keys file (TOML), turning an `Authorization: Bearer <key>` header into a
+`Principal` (a tenant and a role), and the open single-tenant mode used when no file is given.
+Keys are compared as SHA-256 digests with `hmac.compare_digest` against every entry, so timing
+says nothing about which key (or how much of one) matched. Keys are never logged or echoed.
+
+The keys file:
+
+    [[keys]]
+    key = "sk-acme-1"            # or key_sha256 = "<hex digest>", to keep keys out of the file
+    tenant = "acme"
+    role = "tenant"              # or "admin"
+"""
+
+import hashlib
+import hmac
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from loraplex.errors import Unauthorized
+from loraplex.tenancy import DEFAULT_TENANT, Principal
+
+
+@dataclass(frozen=True)
+class _KeyEntry:
+    digest: bytes
+    principal: Principal
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ApiKeys:
+    """The keys a server accepts; `ApiKeys.open()` accepts everyone as one default tenant."""
+
+    def __init__(self, entries: list[_KeyEntry], open_access: bool = False):
+        self._entries = entries
+        self.open_access = open_access
+
+    @classmethod
+    def open(cls) -> "ApiKeys":
+        return cls([], open_access=True)
+
+    @classmethod
+    def load(cls, path: Path) -> "ApiKeys":
+        """Read a keys file; raises ValueError naming the first problem (never the key itself)."""
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read API keys file {path}: {exc}") from None
+        raw_entries = document.get("keys")
+        if not isinstance(raw_entries, list) or not raw_entries:
+            raise ValueError(f"{path}: expected one or more [[keys]] tables")
+        entries, seen = [], set()
+        for number, raw in enumerate(raw_entries, start=1):
+            where = f"{path}: [[keys]] entry {number}"
+            if not isinstance(raw, dict):
+                raise ValueError(f"{where} must be a table")
+            unknown = set(raw) - {"key", "key_sha256", "tenant", "role"}
+            if unknown:
+                raise ValueError(f"{where} has unknown fields: {', '.join(sorted(unknown))}")
+            if ("key" in raw) == ("key_sha256" in raw):
+                raise ValueError(f"{where} needs exactly one of key or key_sha256")
+            if "key" in raw:
+                if not isinstance(raw["key"], str) or len(raw["key"]) < 8:
+                    raise ValueError(f"{where}: key must be a string of at least 8 characters")
+                digest = _digest(raw["key"])
+            else:
+                try:
+                    digest = bytes.fromhex(str(raw["key_sha256"]))
+                except ValueError:
+                    digest = b""
+                if len(digest) != 32:
+                    raise ValueError(f"{where}: key_sha256 must be 64 hex digits")
+            tenant, role = raw.get("tenant"), raw.get("role", "tenant")
+            if not isinstance(tenant, str) or not tenant:
+                raise ValueError(f"{where}: tenant must be a non-empty string")
+            if role not in ("admin", "tenant"):
+                raise ValueError(f"{where}: role must be 'admin' or 'tenant', got {role!r}")
+            if digest in seen:
+                raise ValueError(f"{where} repeats a key already listed")
+            seen.add(digest)
+            entries.append(_KeyEntry(digest, Principal(tenant, role)))
+        return cls(entries)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller named by an `Authorization` header value.
+
+        Raises:
+            Unauthorized: the header is missing, not a bearer token, or the key is unknown.
+        """
+        if self.open_access:
+            return Principal(DEFAULT_TENANT, "admin")
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        presented = _digest(key.strip())
+        found = None
+        for entry in self._entries:  # no early exit: every entry is compared
+            if hmac.compare_digest(presented, entry.digest):
+                found = entry.principal
+        if found is None:
+            raise Unauthorized("unknown API key")
+        return found
+
+
+def caller(request: Request) -> Principal:
+    """FastAPI dependency: the `Principal` behind this request's `Authorization` header."""
+    return request.app.state.services.keys.authenticate(request.headers.get("authorization"))

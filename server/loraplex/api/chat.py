@@ -1,0 +1,165 @@
+"""`POST /v1/chat/completions`: chat through the tokenizer's template or the adapter's own.
+
+Owns: rendering messages into a prompt (the adapter directory's chat template when it carries
+one, else the base tokenizer's), per-choice sampling parameters, and the chat response and
+chunk formats, with OpenAI's `logprobs.content` entries (`token`, `logprob`, `bytes`,
+`top_logprobs`).
+"""
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+
+from loraplex.api.auth import caller
+from loraplex.api.generation import Choice, Generation
+from loraplex.api.models import resolve_model
+from loraplex.api.responses import check_outcome, error_event, finish_reason, new_id, now, sse, token_strings, usage
+from loraplex.api.schemas import ChatCompletionRequest
+from loraplex.api.services import Services, services
+from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
+from loraplex.errors import RequestInvalid
+from loraplex.registry.catalog import AdapterRecord
+from loraplex.tenancy import Principal
+
+router = APIRouter()
+
+
+def render_prompt(body: ChatCompletionRequest, record: AdapterRecord | None, tokenizer) -> list[int]:
+    """The prompt's token ids: messages through the adapter's template, else the tokenizer's."""
+    template = record.chat_template if record is not None else None
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise RequestInvalid("this model has no chat template; use /v1/completions", param="messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=body.add_generation_prompt, tokenize=False
+        )
+    except TemplateError as exc:
+        raise RequestInvalid(f"the chat template cannot render these messages: {exc}", param="messages") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise RequestInvalid("the rendered prompt is empty", param="messages")
+    return ids
+
+
+def _params(body: ChatCompletionRequest, prompt: list[int], max_model_len: int) -> list[SamplingParams]:
+    if len(prompt) >= max_model_len:
+        raise RequestInvalid(
+            f"the messages take {len(prompt)} tokens; this model's maximum context length is {max_model_len}",
+            param="messages",
+        )
+    wanted = body.token_limit if body.token_limit is not None else max_model_len - len(prompt)
+    if len(prompt) + wanted > max_model_len:
+        raise RequestInvalid(
+            f"the messages ({len(prompt)} tokens) plus max_tokens ({wanted}) exceed the maximum context length "
+            f"({max_model_len})",
+            param="max_tokens",
+        )
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return [
+        SamplingParams(
+            max_tokens=wanted,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            seed=None if body.seed is None else body.seed + j,
+            stop=body.stop_strings(),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+        for j in range(body.n)
+    ]
+
+
+def _content_logprobs(tokenizer, ids: list[int], logprobs: list[float], tops: list[TopLogprobs]) -> list[dict]:
+    entries = []
+    for text, logprob, top in zip(token_strings(tokenizer, ids), logprobs, tops):
+        alternatives = token_strings(tokenizer, [token_id for token_id, _ in top])
+        entries.append(
+            {
+                "token": text,
+                "logprob": logprob,
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": alt, "logprob": alt_logprob, "bytes": list(alt.encode())}
+                    for alt, (_, alt_logprob) in zip(alternatives, top)
+                ],
+            }
+        )
+    return entries
+
+
+def _choice_json(choice: Choice, body: ChatCompletionRequest, tokenizer) -> dict:
+    logprobs = None
+    if body.logprobs:
+        logprobs = {"content": _content_logprobs(tokenizer, choice.token_ids, choice.logprobs, choice.top_logprobs)}
+    return {
+        "index": choice.index,
+        "message": {"role": "assistant", "content": choice.text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason(choice),
+    }
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    http_request: Request,
+    svc: Services = Depends(services),
+    principal: Principal = Depends(caller),
+):
+    body.check_supported()
+    record = resolve_model(svc, principal, body.model)
+    tokenizer = svc.engine.base.tokenizer
+    prompt = render_prompt(body, record, tokenizer)
+    params = _params(body, prompt, svc.engine.max_model_len)
+    generation = Generation(svc, principal.tenant, record and record.adapter, [prompt], params)
+    generation.start(http_request)
+    response_id, created = new_id("chatcmpl"), now()
+    if body.stream:
+        return StreamingResponse(_stream(generation, body, response_id, created), media_type="text/event-stream")
+    try:
+        choices = await generation.run()
+    finally:
+        generation.close()
+    for choice in choices:
+        check_outcome(choice)
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [_choice_json(choice, body, tokenizer) for choice in choices],
+        "usage": usage(generation),
+    }
+
+
+async def _stream(generation: Generation, body: ChatCompletionRequest, response_id: str, created: int):
+    tokenizer = generation.tokenizer
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+
+    def chunk(index: int, delta: dict, logprobs=None, reason=None) -> str:
+        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]})
+
+    try:
+        for choice in generation.choices:
+            yield chunk(choice.index, {"role": "assistant", "content": ""})
+        async for choice, event in generation.events():
+            if choice.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                yield sse(error_event(choice))
+                return
+            reason = finish_reason(choice)
+            logprobs = None
+            if body.logprobs and event.token_id is not None:
+                entries = _content_logprobs(tokenizer, [event.token_id], [event.logprob], [event.top_logprobs or []])
+                logprobs = {"content": entries}
+            if not event.text and reason is None and logprobs is None:
+                continue
+            yield chunk(choice.index, {"content": event.text} if event.text else {}, logprobs, reason)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(generation)})
+        yield sse("[DONE]")
+    finally:
+        generation.close()

@@ -1,0 +1,114 @@
+"""Errors on the wire: every failure becomes one status code and OpenAI's error shape.
+
+Owns: the single table from loraplex's typed errors to HTTP status codes, and the FastAPI
+exception handlers that render `{"error": {"message", "type", "param", "code"}}`. Validation
+errors from request parsing (malformed JSON, unknown fields, wrong types) become 400s that name
+the field. Anything unexpected is logged and answered with a 500 that leaks no internals.
+"""
+
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from loraplex.errors import (
+    AdapterExists,
+    AdapterInvalid,
+    AdapterMalformed,
+    AdapterNotFound,
+    AdapterTooLarge,
+    Forbidden,
+    LoraplexError,
+    ModelLoadError,
+    QueueFull,
+    RequestInvalid,
+    ServerDraining,
+    Unauthorized,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific class first: the first match along an exception's MRO wins.
+_STATUS: dict[type[LoraplexError], tuple[int, str, str | None]] = {
+    AdapterMalformed: (400, "invalid_request_error", "adapter_malformed"),
+    RequestInvalid: (400, "invalid_request_error", None),
+    Unauthorized: (401, "authentication_error", "invalid_api_key"),
+    Forbidden: (403, "permission_error", None),
+    AdapterNotFound: (404, "not_found_error", "model_not_found"),
+    AdapterExists: (409, "conflict_error", "adapter_exists"),
+    AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
+    AdapterInvalid: (422, "invalid_request_error", "adapter_invalid"),
+    QueueFull: (429, "rate_limit_error", "queue_full"),
+    ServerDraining: (503, "service_unavailable", "draining"),
+    ModelLoadError: (503, "service_unavailable", None),
+}
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def status_of(exc: LoraplexError) -> tuple[int, str, str | None]:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 500, "internal_error", None
+
+
+def error_response(exc: LoraplexError, retry_after: int = 1) -> JSONResponse:
+    status, error_type, code = status_of(exc)
+    headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
+    return JSONResponse(error_body(str(exc), error_type, exc.param, code), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('msg')}", None
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field {param!r}", param
+    message = first.get("msg", "invalid value")
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_error_handlers(app: FastAPI, retry_after: int, on_refused: Callable[[Request, int], None]) -> None:
+    """Route every exception the app can raise through OpenAI's error shape.
+
+    Args:
+        app: the application.
+        retry_after: seconds a 429 or 503 asks the client to wait.
+        on_refused: told of every request answered with an error status (for metrics).
+    """
+
+    @app.exception_handler(LoraplexError)
+    async def _loraplex_error(request: Request, exc: LoraplexError) -> JSONResponse:
+        response = error_response(exc, retry_after)
+        on_refused(request, response.status_code)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        on_refused(request, 400)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(exc.detail), error_type), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        on_refused(request, 500)
+        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)

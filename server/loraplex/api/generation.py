@@ -1,0 +1,146 @@
+"""One HTTP generation request as the engine sees it: a group of engine requests, one per choice.
+
+Owns: submitting every choice of a request (prompts x n) to the engine together, refunding the
+ones already queued when the queue turns out to be full, merging their token events into one
+async stream, cancelling all of them when the client disconnects (streaming or not), and metering
+the tenant's tokens when the request ends. Formatting responses is the route modules' job.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.requests import Request as HttpRequest
+
+from loraplex.api.services import Services
+from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent, TopLogprobs
+from loraplex.errors import LoraplexError, ServerDraining
+from loraplex.registry.adapter import LoraAdapter
+
+
+@dataclass
+class Choice:
+    """One choice's prompt and everything generated for it so far."""
+
+    index: int
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    def add(self, event: TokenEvent) -> None:
+        if event.token_id is not None:
+            self.token_ids.append(event.token_id)
+            if event.logprob is not None:
+                self.logprobs.append(event.logprob)
+                self.top_logprobs.append(event.top_logprobs or [])
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        self.text += event.text
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+            self.error = event.error
+
+
+class Generation:
+    """The engine requests behind one completions or chat call.
+
+    Args:
+        services: the server's engine, metrics and limits.
+        tenant: who pays for the tokens.
+        adapter: the adapter version every choice runs with (None for the base model).
+        prompts: token ids per prompt.
+        params: sampling parameters per choice; `len(params)` is a multiple of `len(prompts)`,
+            choice `i` runs prompt `i // n`.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        tenant: str,
+        adapter: LoraAdapter | None,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+    ):
+        self._services = services
+        self.tokenizer = services.engine.base.tokenizer
+        self._tenant = tenant
+        self._adapter = adapter
+        n = len(params) // len(prompts)
+        self.choices = [Choice(i, prompts[i // n]) for i in range(len(params))]
+        self._params = params
+        self._request_ids: list[str] = []
+        self._events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+        self._unfinished = len(params)
+        self._watcher: asyncio.Task | None = None
+        self._counted = False  # whether this request is in `services.in_flight`
+        self.num_prompt_tokens = sum(len(p) for p in prompts)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(len(choice.token_ids) for choice in self.choices)
+
+    def start(self, http_request: HttpRequest) -> None:
+        """Queue every choice, or none: a full queue refunds those already queued and raises."""
+        services = self._services
+        if services.draining:
+            raise ServerDraining("the server is shutting down; retry on another replica")
+        loop = asyncio.get_running_loop()
+        for choice, params in zip(self.choices, self._params):
+
+            def sink(event: TokenEvent, index: int = choice.index) -> None:
+                loop.call_soon_threadsafe(self._events.put_nowait, (index, event))
+
+            try:
+                request_id = services.engine.add_request(choice.prompt_ids, self._adapter, params, sink=sink)
+            except LoraplexError:
+                self.cancel()
+                raise
+            self._request_ids.append(request_id)
+        services.in_flight += 1
+        self._counted = True
+        self._watcher = asyncio.create_task(self._watch_disconnect(http_request))
+
+    async def _watch_disconnect(self, http_request: HttpRequest) -> None:
+        while True:
+            message = await http_request.receive()
+            if message["type"] == "http.disconnect":
+                self.cancel()
+                return
+
+    def cancel(self) -> None:
+        """Abort every choice still running: KV blocks and slot references are freed at once."""
+        for request_id in self._request_ids:
+            self._services.engine.cancel(request_id)
+
+    async def events(self) -> AsyncIterator[tuple[Choice, TokenEvent]]:
+        """Every choice's events as they come, each already applied to its `Choice`."""
+        while self._unfinished:
+            index, event = await self._events.get()
+            choice = self.choices[index]
+            choice.add(event)
+            if event.finish_reason is not None:
+                self._unfinished -= 1
+            yield choice, event
+
+    async def run(self) -> list[Choice]:
+        """Wait for every choice to finish."""
+        async for _ in self.events():
+            pass
+        return self.choices
+
+    def close(self) -> None:
+        """Cancel what is left (a client gone mid-stream) and meter the tenant's tokens."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._unfinished:
+            self.cancel()
+        if self._counted:
+            self._counted = False
+            self._services.in_flight -= 1
+            self._services.metrics.tenant_tokens(self._tenant, self.num_prompt_tokens, self.num_generated_tokens)

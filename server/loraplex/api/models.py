@@ -1,0 +1,52 @@
+"""`GET /v1/models`, and what a request's `model` field selects.
+
+Owns: the OpenAI model list (the base model plus every adapter the caller may use, each with
+`parent` = the base model's id) and `resolve_model`, which turns a `model` field into an adapter
+version or None for the base model. Unknown and other tenants' adapters are the same 404.
+"""
+
+from fastapi import APIRouter, Depends
+
+from loraplex.api.auth import caller
+from loraplex.api.services import Services, services
+from loraplex.registry.catalog import AdapterRecord
+from loraplex.tenancy import Principal
+
+router = APIRouter()
+
+
+def resolve_model(svc: Services, principal: Principal, model: str) -> AdapterRecord | None:
+    """The adapter `model` names (None for the served base model); raises AdapterNotFound."""
+    if model == svc.model_name:
+        return None
+    return svc.catalog.get(model, principal)
+
+
+@router.get("/v1/models")
+def list_models(svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
+    base = svc.model_name
+    created = int(svc.started)
+    entries = [
+        {
+            "id": base,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraplex",
+            "root": base,
+            "parent": None,
+            "max_model_len": svc.engine.max_model_len,
+        }
+    ]
+    for record in svc.catalog.visible_to(principal):
+        entries.append(
+            {
+                "id": record.name,
+                "object": "model",
+                "created": int(record.created),
+                "owned_by": record.owner or "loraplex",
+                "root": str(record.path) if principal.is_admin else record.name,
+                "parent": base,
+                "max_model_len": svc.engine.max_model_len,
+            }
+        )
+    return {"object": "list", "data": entries}

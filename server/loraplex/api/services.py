@@ -1,0 +1,38 @@
+"""What every route needs, in one object: the engine, the adapter catalog, keys, metrics, config.
+
+Owns: the server-wide state the HTTP layer shares (including the draining flag and the count of
+generation requests in flight), built once at start-up and handed to `create_app`. Routes reach
+it through the `services` dependency; nothing here is a module global.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from loraplex.api.auth import ApiKeys
+from loraplex.config import ServerConfig
+from loraplex.engine.engine import Engine
+from loraplex.metrics import Metrics
+from loraplex.registry.catalog import AdapterCatalog
+
+
+@dataclass(eq=False)
+class Services:
+    config: ServerConfig
+    engine: Engine
+    catalog: AdapterCatalog
+    keys: ApiKeys
+    metrics: Metrics
+    draining: bool = False
+    in_flight: int = 0  # generation requests being answered now
+    started: float = field(default_factory=time.time)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+
+def services(request: Request) -> Services:
+    """FastAPI dependency: the app's `Services`."""
+    return request.app.state.services

@@ -1,0 +1,219 @@
+"""The adapters a server offers, who owns each, and who may see, use and change them.
+
+Owns: the name -> `AdapterRecord` table kept in step with the engine (which serves the weights)
+and the store (which keeps them across restarts); the rules of tenancy (a tenant sees its own
+adapters and the shared ones, an admin sees all; another tenant's adapter is reported missing,
+exactly as a missing one is); uploads (validated by the engine's own adapter checks before
+anything is written); and vLLM-style loading from a path inside the allowed roots. HTTP is not
+its business: it raises typed errors and the API layer maps them.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.engine.engine import Engine
+from loraplex.errors import AdapterExists, AdapterNotFound, AdapterTooLarge, Forbidden, RequestInvalid
+from loraplex.registry.adapter import LoraAdapter, parse_config, parse_weights, read_adapter_dir
+from loraplex.registry.store import AdapterStore, check_name, read_chat_template
+from loraplex.tenancy import Principal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """An adapter the server offers: the engine's version of it plus who owns it and where it came from.
+
+    `owner` None means shared: usable by every tenant, managed by admins only.
+    `source` is "store" (kept across restarts) or "path" (loaded from a directory for this run only).
+    """
+
+    adapter: LoraAdapter
+    owner: str | None
+    created: float
+    source: str
+    path: Path
+    chat_template: str | None
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def visible_to(self, principal: Principal) -> bool:
+        return principal.is_admin or self.owner is None or self.owner == principal.tenant
+
+    def managed_by(self, principal: Principal) -> bool:
+        return principal.is_admin or (self.owner is not None and self.owner == principal.tenant)
+
+    def describe(self) -> dict:
+        adapter = self.adapter
+        return {
+            "name": adapter.name,
+            "object": "adapter",
+            "rank": adapter.rank,
+            "alpha": adapter.alpha,
+            "use_rslora": adapter.use_rslora,
+            "target_modules": adapter.target_modules,
+            "size_bytes": adapter.nbytes,
+            "owner": self.owner,
+            "shared": self.owner is None,
+            "created": int(self.created),
+            "source": self.source,
+            "has_chat_template": self.chat_template is not None,
+        }
+
+
+class AdapterCatalog:
+    """Adapters by name, backed by an engine and a store.
+
+    Args:
+        engine: validates and serves adapters.
+        store: keeps uploaded adapters on disk.
+        reserved_names: names no adapter may take (the served base model's).
+        max_adapter_bytes: the largest weights file accepted.
+        lora_roots: directories `load_path` may read from (symlinks are resolved first).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: AdapterStore,
+        reserved_names: set[str],
+        max_adapter_bytes: int,
+        lora_roots: tuple[Path, ...],
+    ):
+        self._engine = engine
+        self._store = store
+        self._reserved = reserved_names
+        self._max_bytes = max_adapter_bytes
+        self._roots = tuple(Path(root).resolve() for root in lora_roots)
+        self._records: dict[str, AdapterRecord] = {}
+        self._lock = threading.Lock()
+
+    def load_store(self) -> list[tuple[str, str]]:
+        """Serve every adapter in the store; returns (name, problem) for those that cannot be served."""
+        self._store.recover()
+        problems = []
+        for stored in self._store.list():
+            if stored.name in self._reserved:
+                problems.append((stored.name, "the name is the served base model's"))
+                continue
+            try:
+                adapter = self._engine.load_adapter(stored.name, stored.path)
+            except Exception as exc:  # one bad directory must not keep the server from starting
+                problems.append((stored.name, str(exc)))
+                continue
+            self._records[stored.name] = AdapterRecord(
+                adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template
+            )
+        return problems
+
+    def names(self) -> list[str]:
+        return sorted(self._records)
+
+    def visible_to(self, principal: Principal) -> list[AdapterRecord]:
+        return sorted((r for r in self._records.values() if r.visible_to(principal)), key=lambda r: r.name)
+
+    def get(self, name: str, principal: Principal) -> AdapterRecord:
+        """The adapter `name` as `principal` may use it; another tenant's is reported missing."""
+        record = self._records.get(name)
+        if record is None or not record.visible_to(principal):
+            raise AdapterNotFound(f"the model {name!r} does not exist", param="model")
+        return record
+
+    def _manageable(self, name: str, principal: Principal) -> AdapterRecord:
+        record = self.get(name, principal)
+        if not record.managed_by(principal):
+            raise Forbidden(f"adapter {name!r} is shared; only admins may change it")
+        return record
+
+    def upload(
+        self,
+        name: str,
+        config: bytes,
+        weights: bytes,
+        principal: Principal,
+        chat_template: str | None = None,
+        overwrite: bool = False,
+        shared: bool = False,
+    ) -> tuple[AdapterRecord, bool]:
+        """Validate, store and serve an adapter; returns its record and whether it replaced one.
+
+        Raises:
+            RequestInvalid: a bad name, or `shared` asked for by a non-admin.
+            AdapterTooLarge: the weights are over the size limit.
+            AdapterMalformed / AdapterInvalid: the files cannot be read / served on this base.
+            AdapterExists: the name is taken and `overwrite` was not given (or not allowed).
+        """
+        check_name(name)
+        if name in self._reserved:
+            raise RequestInvalid(f"{name!r} is the base model's name; pick another adapter name", param="name")
+        if shared and not principal.is_admin:
+            raise Forbidden("only admins may upload shared adapters")
+        if len(weights) > self._max_bytes:
+            raise AdapterTooLarge(
+                f"adapter_model.safetensors is {len(weights)} bytes; the limit is {self._max_bytes} (--max-adapter-bytes)"
+            )
+        adapter = self._engine.validate_adapter(name, parse_config(config), parse_weights(weights))
+        with self._lock:
+            previous = self._records.get(name)
+            if previous is not None:
+                if not previous.visible_to(principal):
+                    raise AdapterExists(f"the adapter name {name!r} is taken; pick another")
+                if not previous.managed_by(principal):
+                    raise Forbidden(f"adapter {name!r} is shared; only admins may replace it")
+                if not overwrite:
+                    raise AdapterExists(f"adapter {name!r} exists; pass overwrite=true to replace it")
+                if previous.source != "store":
+                    raise AdapterExists(f"adapter {name!r} was loaded from a path; unload it first")
+            owner = None if shared else (previous.owner if previous is not None else principal.tenant)
+            stored = self._store.save(name, config, weights, owner, chat_template, overwrite=previous is not None)
+            record = AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template)
+            self._engine.register_adapter(adapter)
+            self._records[name] = record
+        return record, previous is not None
+
+    def delete(self, name: str, principal: Principal) -> AdapterRecord:
+        """Stop offering `name` and remove it from the store; running requests finish on it."""
+        with self._lock:
+            record = self._manageable(name, principal)
+            if record.source == "store":
+                self._store.delete(name)
+            self._engine.remove_adapter(name)
+            del self._records[name]
+        return record
+
+    def load_path(self, name: str, path: str, principal: Principal) -> AdapterRecord:
+        """Serve the PEFT directory at `path` (inside an allowed root) as a shared adapter, for this run."""
+        principal.require_admin()
+        check_name(name)
+        if name in self._reserved:
+            raise RequestInvalid(f"{name!r} is the base model's name; pick another adapter name", param="lora_name")
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self._roots):
+            raise Forbidden(f"lora_path {path!r} is outside the allowed adapter roots")
+        config, tensors = read_adapter_dir(resolved)
+        adapter = self._engine.validate_adapter(name, config, tensors)
+        with self._lock:
+            if name in self._records:
+                raise AdapterExists(f"adapter {name!r} is already loaded")
+            record = AdapterRecord(adapter, None, time.time(), "path", resolved, read_chat_template(resolved))
+            self._engine.register_adapter(adapter)
+            self._records[name] = record
+        return record
+
+    def unload(self, name: str, principal: Principal) -> None:
+        """Stop serving an adapter loaded from a path (store adapters are deleted instead)."""
+        principal.require_admin()
+        with self._lock:
+            record = self.get(name, principal)
+            if record.source == "store":
+                raise RequestInvalid(
+                    f"adapter {name!r} lives in the adapter store; DELETE /v1/adapters/{name} removes it",
+                    param="lora_name",
+                )
+            self._engine.remove_adapter(name)
+            del self._records[name]
