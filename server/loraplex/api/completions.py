@@ -75,9 +75,12 @@ def _params(body: CompletionRequest, prompts: list[list[int]], max_model_len: in
 
 
 def _top_dict(tokenizer, chosen: int, chosen_logprob: float | None, top: TopLogprobs) -> dict[str, float]:
+    """Alternatives by text, best first; tokens that decode alike keep the best one's logprob."""
     ids = [token_id for token_id, _ in top] + [chosen]
     texts = token_strings(tokenizer, ids)
-    entries = {text: logprob for text, (_, logprob) in zip(texts, top)}
+    entries: dict[str, float] = {}
+    for text, (_, logprob) in zip(texts, top, strict=False):
+        entries.setdefault(text, logprob)
     if chosen_logprob is not None:
         entries.setdefault(texts[-1], chosen_logprob)
     return entries

@@ -34,6 +34,7 @@ class Detokenizer:
         self._hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # all text decoded so far (truncated at a stop string)
         self._emitted = 0
+        self._stopped = False
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -44,19 +45,35 @@ class Detokenizer:
         before = self._decode(self._ids[self._prefix_offset : self._read_offset])
         after = self._decode(self._ids[self._prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-        if self._stop:
-            search_from = max(0, self._emitted - self._hold)
-            hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                return TextDelta(self._take(len(self.text)), stopped=True)
+            self._advance(after[len(before) :])
+        if self._find_stop():
+            return TextDelta(self._take(len(self.text)), stopped=True)
         return TextDelta(self._take(len(self.text) - self._hold), stopped=False)
 
+    def _advance(self, new_text: str) -> None:
+        self.text += new_text
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+
+    def _find_stop(self) -> bool:
+        if not self._stop:
+            return False
+        search_from = max(0, self._emitted - self._hold)
+        hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self._stopped = True
+        return self._stopped
+
     def flush(self) -> str:
-        """The held-back tail, at the end of the request."""
+        """The held-back tail at the end of the request, an unfinished character decoded as U+FFFD
+        (as `tokenizer.decode` of the whole output would); nothing after a stop string."""
+        if self._stopped:
+            return ""
+        if self._read_offset < len(self._ids):
+            before = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            self._advance(self._decode(self._ids[self._prefix_offset :])[len(before) :])
+            self._find_stop()
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
