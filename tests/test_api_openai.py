@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from live_server import LiveServer, server_config
 from transformers import AutoTokenizer
 
 from conftest import PeftOracle
+from live_server import LiveServer, server_config
 
 PROMPTS = [[5, 17, 99, 42, 8], [120, 7, 7, 64], [33, 200, 14, 90, 91, 3, 250]]
 MAX_TOKENS = 8

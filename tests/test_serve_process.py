@@ -11,6 +11,7 @@ import time
 import httpx
 import openai
 import pytest
+
 from live_server import upload
 from tiny import make_model
 
