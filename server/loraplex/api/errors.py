@@ -65,18 +65,32 @@ def error_response(exc: LoraplexError, retry_after: int = 1) -> JSONResponse:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A message naming the field at fault, and that field's dotted path as `param`."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
+    location = [part for part in first.get("loc", ()) if part != "body"]
+    if not location:
+        return f"the request body must be a JSON object: {first.get('msg', 'invalid value')}", None
+    param = str(location[0])
+    path = ".".join(map(str, location))
     if first.get("type") == "extra_forbidden":
-        return f"unknown field {param!r}", param
-    message = first.get("msg", "invalid value")
-    return (f"{param}: {message}" if param else message), param
+        return f"unknown field {path!r}", path
+    same_field = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == [location[0]]]
+    if len(same_field) > 1 and len({str(e["loc"][-1]) for e in same_field}) > 1:
+        # Every shape of a union field failed: name the field and the shapes it accepts.
+        return f"{param} has an invalid type or value; {_SHAPES.get(param, 'see the API reference')}", param
+    return f"{path}: {first.get('msg', 'invalid value')}", path
+
+
+_SHAPES = {
+    "prompt": "expected a non-empty string, a list of strings, a list of token ids (>= 0), or a list of such lists",
+    "stop": "expected a string or a list of strings",
+    "content": "expected a string or a list of text parts",
+}
 
 
 def install_error_handlers(app: FastAPI, retry_after: int, on_refused: Callable[[Request, int], None]) -> None:

@@ -156,14 +156,15 @@ class Engine:
         prompt_ids = [int(t) for t in prompt_ids]
         vocab = self.base.model.config.vocab_size
         if not prompt_ids:
-            raise RequestInvalid("the prompt is empty")
+            raise RequestInvalid("the prompt is empty", param="prompt")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestInvalid(
                 f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which leaves no room to generate"
+                "which leaves no room to generate",
+                param="prompt",
             )
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise RequestInvalid(f"prompt token ids must be in [0, {vocab})")
+            raise RequestInvalid(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if isinstance(adapter, str):
             if adapter not in self.adapters:
                 raise AdapterNotFound(f"adapter {adapter!r} is not loaded")
