@@ -33,3 +33,23 @@ def test_generate_reports_a_bad_model_directory(tmp_path):
     )
     assert result.returncode == 2
     assert "config.json is missing" in result.stderr
+
+
+def test_serve_help_names_every_flag_and_its_environment_variable():
+    result = subprocess.run([LORAPLEX, "serve", "--help"], capture_output=True, text=True, timeout=120, check=True,
+                            env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    for flag in ("model", "served-model-name", "adapters", "quantize", "dtype", "device", "host", "port", "max-loras",
+                 "max-lora-rank", "max-num-seqs", "max-model-len", "max-queue", "max-adapter-bytes", "api-keys"):
+        assert f"--{flag}" in result.stdout
+        assert f"LORAPLEX_{flag.upper().replace('-', '_')}" in result.stdout
+
+
+def test_serve_reports_a_bad_api_keys_file_and_exits(llama, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nkey = "short"\ntenant = "acme"\n')
+    result = subprocess.run(
+        [LORAPLEX, "serve", "--model", str(llama.model_dir), "--api-keys", str(keys), "--adapters", str(tmp_path / "a")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "at least 8 characters" in result.stderr and "short" not in result.stderr.replace("key = ", "")
