@@ -63,7 +63,9 @@ def _option(help_text: str, env: str, **kwargs):
 
 @app.command()
 def serve(
-    model: Annotated[Path, _option("Hugging Face checkpoint directory of the base model.", "MODEL")],
+    model: Annotated[
+        Path | None, _option("Hugging Face checkpoint directory of the base model (default: the bundled demo).", "MODEL")
+    ] = None,
     served_model_name: Annotated[
         str | None, _option("The base model's id in the API (default: the directory name).", "SERVED_MODEL_NAME")
     ] = None,
@@ -91,9 +93,16 @@ def serve(
     from pydantic import ValidationError
 
     from loraplex.config import EngineConfig, ServerConfig
+    from loraplex.demo import DEMO_MODEL_DIR
     from loraplex.errors import LoraplexError
     from loraplex.server import build_services, run
 
+    if model is None:
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            console.print("[red]error:[/red] no --model given and the demo model is missing; build it with "
+                          "python -m loraplex.demo.build")
+            raise typer.Exit(code=2)
+        model = DEMO_MODEL_DIR
     try:
         engine_config = EngineConfig(
             model=str(model),
