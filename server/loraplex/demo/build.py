@@ -5,7 +5,9 @@ Owns: the seeded, deterministic recipe (`DemoRecipe`) and the three stages run b
 synthetic corpus, train a small Llama from scratch to answer every record with a plain sentence,
 then train a LoRA adapter per form (`json`, `yaml`, `sql`) with peft on that base. It ends by
 checking each adapter's greedy answers on held-out records through the serving engine and writes
-a manifest with the scores. The model goes to the package's `demo/model/` directory and the
+a manifest with the scores. The base is pre-trained to answer plain sentences, and to follow an
+explicit `format=<form>` in a share of prompts, so every form's tokens are known to it; each
+adapter then makes its form the answer to a plain prompt. The model goes to the package's `demo/model/` directory and the
 adapters to `adapters/`, in PEFT's format.
 """
 
@@ -40,6 +42,7 @@ class DemoRecipe:
     held_out_seed: int = 98765
     train_records: int = 45000
     scrambled_fraction: float = 0.3
+    asked_form_fraction: float = 0.15
     held_out_records: int = 200
     vocab_size: int = 320
     hidden_size: int = 192
@@ -68,7 +71,7 @@ def train_tokenizer(records: list[Record], recipe: DemoRecipe) -> PreTrainedToke
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [prompt(r) + answer(r, form) for r in records[:5000] for form in FORMS]
+    corpus = [prompt(r, form) + answer(r, form) for r in records[:5000] for form in FORMS]
     tokenizer.train_from_iterator(corpus, trainer)
     bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.Sequence(
@@ -79,12 +82,20 @@ def train_tokenizer(records: list[Record], recipe: DemoRecipe) -> PreTrainedToke
     return fast
 
 
-def _examples(tokenizer, records: list[Record], form: str) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per record: `<s>` + prompt + answer + `</s>`."""
+def _examples(
+    tokenizer, records: list[Record], form: str, asked: list[str | None] | None = None
+) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per record: `<s>` + prompt + answer + `</s>`.
+
+    `asked[i]`, when given and not None, is a form record i's prompt asks for explicitly, and
+    its answer is in that form instead of `form`.
+    """
     examples = []
-    for record in records:
-        head = tokenizer(prompt(record))["input_ids"]  # the tokenizer adds <s>, as the server's will
-        tail = tokenizer(answer(record, form), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for index, record in enumerate(records):
+        asked_form = asked[index] if asked is not None else None
+        form_here = asked_form or form
+        head = tokenizer(prompt(record, asked_form))["input_ids"]  # the tokenizer adds <s>, as the server's will
+        tail = tokenizer(answer(record, form_here), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append((head + tail, len(head)))
     return examples
 
@@ -146,7 +157,12 @@ def build_base(tokenizer, records: list[Record], recipe: DemoRecipe) -> LlamaFor
     )
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(config)
-    _train(model, _examples(tokenizer, records, "plain"), recipe.base_steps, recipe.base_lr, recipe, tokenizer.pad_token_id, "base")
+    # Pre-training: plain sentences, plus a share of prompts that ask for a form by name, so the
+    # base knows every form's tokens; asked nothing, it answers plain.
+    rng = random.Random(recipe.seed)
+    asked = [rng.choice(ADAPTER_FORMS) if rng.random() < recipe.asked_form_fraction else None for _ in records]
+    examples = _examples(tokenizer, records, "plain", asked)
+    _train(model, examples, recipe.base_steps, recipe.base_lr, recipe, tokenizer.pad_token_id, "base")
     return model
 
 

@@ -73,14 +73,19 @@ def draw_records(
     return records
 
 
-def record_text(record: Record) -> str:
-    """The user message: the record's fields, the same whatever the tenant."""
-    return f"name={record.name}; city={record.city}; number={record.number}; date={record.date}"
+def record_text(record: Record, asked_form: str | None = None) -> str:
+    """The user message: the record's fields, the same whatever the tenant.
+
+    `asked_form` appends an explicit `format=<form>` request, which the base model learns to
+    follow in pre-training; tenants' adapters make their form the answer without it.
+    """
+    text = f"name={record.name}; city={record.city}; number={record.number}; date={record.date}"
+    return text if asked_form is None else f"{text}; format={asked_form}"
 
 
-def prompt(record: Record) -> str:
+def prompt(record: Record, asked_form: str | None = None) -> str:
     """The completions prompt; it is what the demo chat template renders for one user message."""
-    return f"user: {record_text(record)}\nassistant: "
+    return f"user: {record_text(record, asked_form)}\nassistant: "
 
 
 def answer(record: Record, form: str) -> str:
