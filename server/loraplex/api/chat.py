@@ -9,6 +9,7 @@ chunk formats, with OpenAI's `logprobs.content` entries (`token`, `logprob`, `by
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
+from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
 from loraplex.api.generation import Choice, Generation
@@ -112,7 +113,7 @@ async def create_chat_completion(
     body.check_supported()
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
-    prompt = render_prompt(body, record, tokenizer)
+    prompt = await run_in_threadpool(render_prompt, body, record, tokenizer)  # templating off the event loop
     params = _params(body, prompt, svc.engine.max_model_len)
     generation = Generation(svc, principal.tenant, record and record.adapter, [prompt], params)
     generation.start(http_request)

@@ -8,6 +8,7 @@ OpenAI's `logprobs` block (`tokens`, `token_logprobs`, `top_logprobs`, `text_off
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
 from loraplex.api.generation import Choice, Generation
@@ -147,7 +148,7 @@ async def create_completion(
     body.check_supported()
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
-    prompts = _prompts(body, tokenizer)
+    prompts = await run_in_threadpool(_prompts, body, tokenizer)  # long prompts must not stall the loop
     generation = Generation(svc, principal.tenant, record and record.adapter, prompts, _params(body, prompts, svc.engine.max_model_len))
     generation.start(http_request)
     echo = _Echo(body, tokenizer)
