@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from tiny import make_adapter, make_model
 
@@ -30,6 +30,31 @@ ADAPTER_SPECS = {
         alpha_pattern={"o_proj": 3},
     ),
 }
+
+
+# Every metric the server must expose, as the spec names them (the exposition is checked against it).
+METRIC_NAMES = (
+    "loraplex_requests_total",
+    "loraplex_prompt_tokens_total",
+    "loraplex_generation_tokens_total",
+    "loraplex_tenant_tokens_total",
+    "loraplex_adapter_loads_total",
+    "loraplex_adapter_evictions_total",
+    "loraplex_adapter_cache_lookups_total",
+    "loraplex_adapter_cache_hits_total",
+    "loraplex_time_to_first_token_seconds",
+    "loraplex_inter_token_latency_seconds",
+    "loraplex_e2e_request_latency_seconds",
+    "loraplex_request_queue_time_seconds",
+    "loraplex_batch_size",
+    "loraplex_adapter_load_seconds",
+    "loraplex_num_requests_running",
+    "loraplex_num_requests_waiting",
+    "loraplex_kv_cache_usage_ratio",
+    "loraplex_adapter_slots_used",
+    "loraplex_adapter_slots_total",
+    "loraplex_lora_requests_info",
+)
 
 
 @dataclass
@@ -56,6 +81,12 @@ def tiny_setups(tmp_path_factory) -> dict[str, TinySetup]:
 @pytest.fixture(scope="session")
 def llama(tiny_setups) -> TinySetup:
     return tiny_setups["llama"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llama):
+    """The tiny llama's tokenizer, as the server loads it."""
+    return AutoTokenizer.from_pretrained(llama.model_dir)
 
 
 def quantization_config(quantize: str) -> BitsAndBytesConfig | None:
@@ -107,3 +138,9 @@ class PeftOracle:
                 out = self.model.generate(**kwargs)
         tokens = out.sequences[0, len(prompt) :].tolist()
         return tokens, torch.cat(out.logits).float()
+
+
+@pytest.fixture(scope="session")
+def oracle(llama) -> PeftOracle:
+    """PEFT over the tiny llama with every test adapter, in float32."""
+    return PeftOracle(llama)

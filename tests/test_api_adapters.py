@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from transformers import AutoTokenizer
 
 from conftest import PeftOracle
 from live_server import LiveServer, server_config, upload
@@ -51,16 +50,6 @@ class Greedy:
 def assert_same_output(got: Greedy, want: Greedy) -> None:
     assert (got.text, got.tokens, got.completion_tokens) == (want.text, want.tokens, want.completion_tokens)
     assert got.logprobs == pytest.approx(want.logprobs, abs=LOGPROB_TOL)
-
-
-@pytest.fixture(scope="module")
-def oracle(llama) -> PeftOracle:
-    return PeftOracle(llama)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(llama):
-    return AutoTokenizer.from_pretrained(llama.model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import METRIC_NAMES
 from live_server import LiveServer, server_config, upload
 
 BASE = "tiny-base"
@@ -31,28 +32,6 @@ LONG = 2000  # tokens of a request that keeps the engine busy for seconds
 TIMEOUT = httpx.Timeout(30)
 DEADLINE = 10.0  # seconds any awaited state change may take
 
-METRIC_NAMES = (
-    "loraplex_requests_total",
-    "loraplex_prompt_tokens_total",
-    "loraplex_generation_tokens_total",
-    "loraplex_tenant_tokens_total",
-    "loraplex_adapter_loads_total",
-    "loraplex_adapter_evictions_total",
-    "loraplex_adapter_cache_lookups_total",
-    "loraplex_adapter_cache_hits_total",
-    "loraplex_time_to_first_token_seconds",
-    "loraplex_inter_token_latency_seconds",
-    "loraplex_e2e_request_latency_seconds",
-    "loraplex_request_queue_time_seconds",
-    "loraplex_batch_size",
-    "loraplex_adapter_load_seconds",
-    "loraplex_num_requests_running",
-    "loraplex_num_requests_waiting",
-    "loraplex_kv_cache_usage_ratio",
-    "loraplex_adapter_slots_used",
-    "loraplex_adapter_slots_total",
-    "loraplex_lora_requests_info",
-)
 
 
 # ----- helpers ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from conftest import PeftOracle
 from live_server import LiveServer, server_config
@@ -19,16 +18,6 @@ from live_server import LiveServer, server_config
 PROMPTS = [[5, 17, 99, 42, 8], [120, 7, 7, 64], [33, 200, 14, 90, 91, 3, 250]]
 MAX_TOKENS = 8
 CHAT_TEMPLATE = "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}[ASSISTANT]"
-
-
-@pytest.fixture(scope="module")
-def oracle(llama) -> PeftOracle:
-    return PeftOracle(llama)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(llama):
-    return AutoTokenizer.from_pretrained(llama.model_dir)
 
 
 @pytest.fixture(scope="module")

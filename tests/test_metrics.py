@@ -9,32 +9,11 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import METRIC_NAMES
 from loraplex.engine.request import FinishReason, Request, SamplingParams
 from loraplex.engine.stats import EngineSnapshot
 from loraplex.metrics import INVALID, REJECTED, Metrics
 
-EXPOSED_NAMES = (
-    "loraplex_requests_total",
-    "loraplex_prompt_tokens_total",
-    "loraplex_generation_tokens_total",
-    "loraplex_tenant_tokens_total",
-    "loraplex_adapter_loads_total",
-    "loraplex_adapter_evictions_total",
-    "loraplex_adapter_cache_lookups_total",
-    "loraplex_adapter_cache_hits_total",
-    "loraplex_time_to_first_token_seconds",
-    "loraplex_inter_token_latency_seconds",
-    "loraplex_e2e_request_latency_seconds",
-    "loraplex_request_queue_time_seconds",
-    "loraplex_batch_size",
-    "loraplex_adapter_load_seconds",
-    "loraplex_num_requests_running",
-    "loraplex_num_requests_waiting",
-    "loraplex_kv_cache_usage_ratio",
-    "loraplex_adapter_slots_used",
-    "loraplex_adapter_slots_total",
-    "loraplex_lora_requests_info",
-)
 STATUSES = ("stop", "length", "abort", "error", "rejected", "invalid")
 
 BUSY = EngineSnapshot(
@@ -220,14 +199,14 @@ def declared_names(metrics: Metrics) -> set[str]:
 def test_every_metric_is_declared_before_anything_happens():
     declared = declared_names(Metrics(EngineSnapshot))
 
-    assert [name for name in EXPOSED_NAMES if name not in declared] == []
+    assert [name for name in METRIC_NAMES if name not in declared] == []
 
 
 def test_every_metric_has_samples_once_exercised():
     found = families(exercised_metrics())
     sampled = {sample.name for family in found.values() for sample in family.samples}
 
-    assert [name for name in EXPOSED_NAMES if not {name, name + "_count"} & sampled] == []
+    assert [name for name in METRIC_NAMES if not {name, name + "_count"} & sampled] == []
 
 
 def test_every_metric_has_help_text():

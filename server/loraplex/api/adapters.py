@@ -117,7 +117,6 @@ async def delete_adapter(name: str, svc: Services = Depends(services), principal
 async def load_lora_adapter(
     body: LoadLoraRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)
 ) -> PlainTextResponse:
-    principal.require_admin()
     await run_in_threadpool(svc.catalog.load_path, body.lora_name, body.lora_path, principal)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
@@ -126,6 +125,5 @@ async def load_lora_adapter(
 async def unload_lora_adapter(
     body: UnloadLoraRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)
 ) -> PlainTextResponse:
-    principal.require_admin()
     await run_in_threadpool(svc.catalog.unload, body.lora_name, principal)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

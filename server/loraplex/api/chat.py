@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from loraplex.api.auth import caller
 from loraplex.api.generation import Choice, Generation
 from loraplex.api.models import resolve_model
-from loraplex.api.responses import check_outcome, error_event, finish_reason, new_id, now, sse, token_strings, usage
+from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, token_strings, usage
 from loraplex.api.schemas import ChatCompletionRequest
 from loraplex.api.services import Services, services
 from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
@@ -120,12 +120,7 @@ async def create_chat_completion(
     response_id, created = new_id("chatcmpl"), now()
     if body.stream:
         return StreamingResponse(_stream(generation, body, response_id, created), media_type="text/event-stream")
-    try:
-        choices = await generation.run()
-    finally:
-        generation.close()
-    for choice in choices:
-        check_outcome(choice)
+    choices = await generation.collect()
     return {
         "id": response_id,
         "object": "chat.completion",

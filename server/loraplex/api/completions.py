@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from loraplex.api.auth import caller
 from loraplex.api.generation import Choice, Generation
 from loraplex.api.models import resolve_model
-from loraplex.api.responses import check_outcome, error_event, finish_reason, new_id, now, sse, token_strings, usage
+from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, token_strings, usage
 from loraplex.api.schemas import CompletionRequest
 from loraplex.api.services import Services, services
 from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
@@ -132,12 +132,6 @@ def _choice_json(choice: Choice, echo: _Echo, body: CompletionRequest, tokenizer
     return {"index": choice.index, "text": prompt_text + text, "logprobs": block, "finish_reason": reason}
 
 
-def _trim_generated(generation: Generation) -> None:
-    """Echo with max_tokens=0: the one token generated to score the prompt is not returned."""
-    for choice in generation.choices:
-        choice.token_ids, choice.text, choice.logprobs, choice.top_logprobs = [], "", [], []
-
-
 @router.post("/v1/completions")
 async def create_completion(
     body: CompletionRequest,
@@ -149,20 +143,15 @@ async def create_completion(
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
     prompts = await run_in_threadpool(_prompts, body, tokenizer)  # long prompts must not stall the loop
-    generation = Generation(svc, principal.tenant, record and record.adapter, prompts, _params(body, prompts, svc.engine.max_model_len))
-    generation.start(http_request)
     echo = _Echo(body, tokenizer)
+    params = _params(body, prompts, svc.engine.max_model_len)
+    adapter = record and record.adapter
+    generation = Generation(svc, principal.tenant, adapter, prompts, params, keep_generated=not echo.drop_generated)
+    generation.start(http_request)
     response_id, created = new_id("cmpl"), now()
     if body.stream:
         return StreamingResponse(_stream(generation, body, echo, response_id, created), media_type="text/event-stream")
-    try:
-        choices = await generation.run()
-    finally:
-        if echo.drop_generated:
-            _trim_generated(generation)
-        generation.close()
-    for choice in choices:
-        check_outcome(choice)
+    choices = await generation.collect()
     return {
         "id": response_id,
         "object": "text_completion",
@@ -200,8 +189,6 @@ async def _stream(generation: Generation, body: CompletionRequest, echo: _Echo, 
             block = _logprobs_block(tokenizer, ids, lps, tops, 0) if body.logprobs is not None else None
             chunk = {**base, "choices": [{"index": choice.index, "text": text, "logprobs": block, "finish_reason": reason}]}
             yield sse(chunk)
-        if echo.drop_generated:
-            _trim_generated(generation)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(generation)})
         yield sse("[DONE]")

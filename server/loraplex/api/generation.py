@@ -14,7 +14,7 @@ from starlette.requests import Request as HttpRequest
 
 from loraplex.api.services import Services
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent, TopLogprobs
-from loraplex.errors import LoraplexError, ServerDraining
+from loraplex.errors import EngineFailed, LoraplexError, ServerDraining
 from loraplex.registry.adapter import LoraAdapter
 
 
@@ -31,19 +31,27 @@ class Choice:
     prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    keep_generated: bool = True  # False when only the prompt is scored (echo with max_tokens=0)
 
     def add(self, event: TokenEvent) -> None:
-        if event.token_id is not None:
+        if event.token_id is not None and self.keep_generated:
             self.token_ids.append(event.token_id)
             if event.logprob is not None:
                 self.logprobs.append(event.logprob)
                 self.top_logprobs.append(event.top_logprobs or [])
+            self.text += event.text
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
-        self.text += event.text
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
+
+    def raise_for_outcome(self) -> None:
+        """Raise for a choice that did not finish normally (engine failure, shutdown)."""
+        if self.finish_reason is FinishReason.ERROR:
+            raise EngineFailed(self.error or "the engine failed while running this request")
+        if self.finish_reason is FinishReason.ABORT:
+            raise ServerDraining("the request was aborted because the server is shutting down")
 
 
 class Generation:
@@ -56,6 +64,7 @@ class Generation:
         prompts: token ids per prompt.
         params: sampling parameters per choice; `len(params)` is a multiple of `len(prompts)`,
             choice `i` runs prompt `i // n`.
+        keep_generated: False to score prompts only: generated tokens are neither returned nor metered.
     """
 
     def __init__(
@@ -65,13 +74,14 @@ class Generation:
         adapter: LoraAdapter | None,
         prompts: list[list[int]],
         params: list[SamplingParams],
+        keep_generated: bool = True,
     ):
         self._services = services
         self.tokenizer = services.engine.base.tokenizer
         self._tenant = tenant
         self._adapter = adapter
         n = len(params) // len(prompts)
-        self.choices = [Choice(i, prompts[i // n]) for i in range(len(params))]
+        self.choices = [Choice(i, prompts[i // n], keep_generated=keep_generated) for i in range(len(params))]
         self._params = params
         self._request_ids: list[str] = []
         self._events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
@@ -87,8 +97,6 @@ class Generation:
     def start(self, http_request: HttpRequest) -> None:
         """Queue every choice, or none: a full queue refunds those already queued and raises."""
         services = self._services
-        if services.draining:
-            raise ServerDraining("the server is shutting down; retry on another replica")
         loop = asyncio.get_running_loop()
         for choice, params in zip(self.choices, self._params):
 
@@ -127,10 +135,15 @@ class Generation:
                 self._unfinished -= 1
             yield choice, event
 
-    async def run(self) -> list[Choice]:
-        """Wait for every choice to finish."""
-        async for _ in self.events():
-            pass
+    async def collect(self) -> list[Choice]:
+        """Wait for every choice, meter the tokens, and raise for a choice that failed or was aborted."""
+        try:
+            async for _ in self.events():
+                pass
+        finally:
+            self.close()
+        for choice in self.choices:
+            choice.raise_for_outcome()
         return self.choices
 
     def close(self) -> None:

@@ -10,7 +10,6 @@ import uuid
 
 from loraplex.api.generation import Choice, Generation
 from loraplex.engine.request import FinishReason
-from loraplex.errors import EngineFailed, ServerDraining
 
 
 def new_id(prefix: str) -> str:
@@ -30,14 +29,6 @@ def sse(payload: dict | str) -> str:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
-
-
-def check_outcome(choice: Choice) -> None:
-    """Raise for a choice that did not finish normally (engine failure, shutdown)."""
-    if choice.finish_reason is FinishReason.ERROR:
-        raise EngineFailed(choice.error or "the engine failed while running this request")
-    if choice.finish_reason is FinishReason.ABORT:
-        raise ServerDraining("the request was aborted because the server is shutting down")
 
 
 def error_event(choice: Choice) -> dict:

@@ -356,11 +356,13 @@ class Engine:
         self._wake.set()
 
     def _drain_inbox(self) -> None:
+        drained = False
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
+            drained = True
             if kind == "add":
                 self._live[payload.request.request_id] = payload
                 self.scheduler.add(payload.request)
@@ -372,6 +374,7 @@ class Engine:
             elif kind == "retire":
                 self._retired.append(payload)
                 self._free_retired()
+        if drained:
             self._publish(self.snapshot.time)
 
     def _free_retired(self) -> None:
