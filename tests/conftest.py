@@ -48,6 +48,7 @@ METRIC_NAMES = (
     "loraplex_request_queue_time_seconds",
     "loraplex_batch_size",
     "loraplex_adapter_load_seconds",
+    "loraplex_adapter_register_seconds",
     "loraplex_num_requests_running",
     "loraplex_num_requests_waiting",
     "loraplex_kv_cache_usage_ratio",

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -439,6 +440,29 @@ def symlink_to_outside(llama, lora_root: Path) -> Path:
 def dotdot_to_outside(llama, lora_root: Path) -> Path:
     up_to_filesystem_root = [".."] * (len(lora_root.parts) - 1)
     return Path(lora_root, *up_to_filesystem_root, *llama.adapter_dirs["r4-qv"].parts[1:])
+
+
+def registrations(http: httpx.Client, source: str) -> float:
+    """`loraplex_adapter_register_seconds_count{source=...}` from the live server's /metrics."""
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "loraplex_adapter_register_seconds_count" and sample.labels == {"source": source}:
+                return sample.value
+    raise KeyError(source)
+
+
+@pytest.mark.parametrize("source", ["upload", "path"])
+def test_each_registration_is_timed_under_its_source(http, llama, lora_root, source):
+    before = {name: registrations(http, name) for name in ("store", "upload", "path")}
+    if source == "upload":
+        assert upload(http, "timed-upload", llama.adapter_dirs["r4-qv"]).status_code == 201
+    else:
+        path = shutil.copytree(llama.adapter_dirs["r4-qv"], lora_root / "timed-path")
+        assert load(http, "timed-path", path).status_code == 200
+    after = {name: registrations(http, name) for name in ("store", "upload", "path")}
+    assert {name: after[name] - before[name] for name in after} == {
+        name: float(name == source) for name in ("store", "upload", "path")
+    }
 
 
 @pytest.mark.parametrize("where", [outside, symlink_to_outside, dotdot_to_outside], ids=lambda f: f.__name__)

@@ -152,6 +152,18 @@ def test_adapter_loaded_observes_load_seconds():
     assert value(metrics, "loraplex_adapter_load_seconds_bucket", le="0.0005") == 1
 
 
+@pytest.mark.parametrize("source", ["store", "upload", "path"])
+def test_adapter_registered_observes_register_seconds_by_source(source):
+    metrics = Metrics(EngineSnapshot)
+    metrics.adapter_registered(source, 0.003)
+
+    assert value(metrics, "loraplex_adapter_register_seconds_count", source=source) == 1
+    assert value(metrics, "loraplex_adapter_register_seconds_bucket", source=source, le="0.0025") == 0
+    assert value(metrics, "loraplex_adapter_register_seconds_bucket", source=source, le="0.005") == 1
+    others = [other for other in ("store", "upload", "path") if other != source]
+    assert [value(metrics, "loraplex_adapter_register_seconds_count", source=other) for other in others] == [0, 0]
+
+
 # ----- HTTP layer ---------------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ REQUEST_SECONDS_BUCKETS = (
     90.0, 120.0, 180.0, 240.0, 300.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+ADAPTER_SOURCES = ("store", "upload", "path")
 ADAPTER_LOAD_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
@@ -164,6 +165,16 @@ class Metrics(EngineObserver):
             buckets=ADAPTER_LOAD_BUCKETS,
             registry=self.registry,
         )
+        self.adapter_register_seconds = Histogram(
+            "loraplex_adapter_register_seconds",
+            "Seconds to read, validate and register an adapter in host memory, by source: store (at start-up), "
+            "upload, or path (/v1/load_lora_adapter). With one slot copy, this is an adapter's cold start.",
+            ("source",),
+            buckets=ADAPTER_LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        for source in ADAPTER_SOURCES:
+            self.adapter_register_seconds.labels(source=source)
         self.registry.register(EngineSnapshotCollector(snapshot))
 
     # ----- engine callbacks (engine thread) -----------------------------------------------------
@@ -209,6 +220,17 @@ class Metrics(EngineObserver):
             seconds: how long the copy took.
         """
         self.adapter_load_seconds.observe(seconds)
+
+    # ----- adapter catalog ----------------------------------------------------------------------
+
+    def adapter_registered(self, source: str, seconds: float) -> None:
+        """Observe one adapter's read, validation and registration.
+
+        Args:
+            source: `store`, `upload` or `path`.
+            seconds: how long it took.
+        """
+        self.adapter_register_seconds.labels(source=source).observe(seconds)
 
     # ----- HTTP layer ---------------------------------------------------------------------------
 

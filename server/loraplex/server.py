@@ -33,7 +33,7 @@ def build_services(config: ServerConfig) -> tuple[Services, list[tuple[str, str]
     engine.observer = metrics
     store = AdapterStore(config.adapters)
     catalog = AdapterCatalog(
-        engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots
+        engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots, metrics.adapter_registered
     )
     problems = catalog.load_store()
     return Services(config, engine, catalog, keys, metrics), problems

@@ -11,6 +11,7 @@ its business: it raises typed errors and the API layer maps them.
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class AdapterCatalog:
         reserved_names: names no adapter may take (the served base model's).
         max_adapter_bytes: the largest weights file accepted.
         lora_roots: directories `load_path` may read from (symlinks are resolved first).
+        on_registered: called with (source, seconds) after each adapter is read, validated and
+            registered; source is `store`, `upload` or `path`.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class AdapterCatalog:
         reserved_names: set[str],
         max_adapter_bytes: int,
         lora_roots: tuple[Path, ...],
+        on_registered: Callable[[str, float], None] | None = None,
     ):
         self._engine = engine
         self._store = store
@@ -92,6 +96,7 @@ class AdapterCatalog:
         self._roots = tuple(Path(root).resolve() for root in lora_roots)
         self._records: dict[str, AdapterRecord] = {}
         self._lock = threading.Lock()
+        self._on_registered = on_registered or (lambda source, seconds: None)
 
     def load_store(self) -> list[tuple[str, str]]:
         """Serve every adapter in the store; returns (name, problem) for those that cannot be served."""
@@ -101,6 +106,7 @@ class AdapterCatalog:
             if stored.name in self._reserved:
                 problems.append((stored.name, "the name is the served base model's"))
                 continue
+            started = time.perf_counter()
             try:
                 adapter = self._engine.load_adapter(stored.name, stored.path)
             except Exception as exc:  # one bad directory must not keep the server from starting
@@ -109,6 +115,7 @@ class AdapterCatalog:
             self._records[stored.name] = AdapterRecord(
                 adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template
             )
+            self._on_registered("store", time.perf_counter() - started)
         return problems
 
     def names(self) -> list[str]:
@@ -157,6 +164,7 @@ class AdapterCatalog:
             raise AdapterTooLarge(
                 f"adapter_model.safetensors is {len(weights)} bytes; the limit is {self._max_bytes} (--max-adapter-bytes)"
             )
+        started = time.perf_counter()
         adapter = self._engine.validate_adapter(name, parse_config(config), parse_weights(weights))
         with self._lock:
             previous = self._records.get(name)
@@ -174,6 +182,7 @@ class AdapterCatalog:
             record = AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template)
             self._engine.register_adapter(adapter)
             self._records[name] = record
+        self._on_registered("upload", time.perf_counter() - started)
         return record, previous is not None
 
     def delete(self, name: str, principal: Principal) -> AdapterRecord:
@@ -195,6 +204,7 @@ class AdapterCatalog:
         resolved = Path(path).resolve()
         if not any(resolved.is_relative_to(root) for root in self._roots):
             raise Forbidden(f"lora_path {path!r} is outside the allowed adapter roots")
+        started = time.perf_counter()
         config, tensors = read_adapter_dir(resolved)
         adapter = self._engine.validate_adapter(name, config, tensors)
         with self._lock:
@@ -203,6 +213,7 @@ class AdapterCatalog:
             record = AdapterRecord(adapter, None, time.time(), "path", resolved, read_chat_template(resolved))
             self._engine.register_adapter(adapter)
             self._records[name] = record
+        self._on_registered("path", time.perf_counter() - started)
         return record
 
     def unload(self, name: str, principal: Principal) -> None:
