@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
+from loadtest.baselines.peft_model import load_peft, peft_mixed_batch, peft_one_at_a_time
 from loadtest.checkpoints import SPECIAL_TOKENS, ModelShape, make_adapters, make_model
-from loadtest.peft_baseline import load_peft, peft_mixed_batch, peft_one_at_a_time
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import SamplingParams
