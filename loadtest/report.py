@@ -153,7 +153,8 @@ def render_section(results: SuiteResults, plots: dict[str, Path], md_dir: Path) 
         f"{settings.model_config}` took {results.seconds / 60:.1f} min. {settings.concurrency} closed-loop clients; "
         f"prompts {settings.prompt_len[0]}–{settings.prompt_len[1]} tokens, outputs {settings.output_len[0]}–"
         f"{settings.output_len[1]}; {settings.requests} requests per loraplex run, {settings.compare_requests} in the "
-        f"three-server run; loraplex with `--max-loras {settings.max_loras}`, dtype {settings.dtype}.",
+        f"three-server run; loraplex with `--max-loras {settings.max_loras}`, dtype {settings.dtype}"
+        + (f"; every server with {settings.server_threads} torch thread(s)." if settings.device == "cpu" else "."),
         "",
         "| ratio | measured | goal | |",
         "|---|---|---|---|",

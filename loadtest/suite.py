@@ -18,6 +18,7 @@ and the figures go to a section of BENCHMARKS.md (report.py) and plots to `--out
 """
 
 import argparse
+import os
 import platform
 import shutil
 import tempfile
@@ -55,10 +56,16 @@ class SuiteConfig:
     output_len: tuple[int, int] = (16, 64)
     max_seconds: float = 240.0
     max_loras: int = 32
+    server_threads: int = 1
     seed: int = 0
     adapter_counts: tuple[int, ...] = ADAPTER_COUNTS
     out: Path = Path("benchmarks")
     benchmarks_md: Path = Path("BENCHMARKS.md")
+
+    @property
+    def server_env(self) -> dict[str, str]:
+        """Every server gets the same torch intra-op threads, so the load generator keeps a core."""
+        return {"OMP_NUM_THREADS": str(self.server_threads)} if self.device == "cpu" else {}
 
     @property
     def dtype(self) -> str:
@@ -90,11 +97,12 @@ def build_workspace(config: SuiteConfig, root: Path) -> Workspace:
     base = model_config(config.model_config, max_positions)
     save_random_model(space.model, base, getattr(torch, config.dtype), config.seed)
     print(f"building {max(config.adapter_counts)} rank-{config.rank} adapters ...", flush=True)
-    names = make_random_adapters(base, space.store, max(config.adapter_counts), config.rank, seed=config.seed)
+    dtype = getattr(torch, config.dtype)
+    names = make_random_adapters(base, space.store, max(config.adapter_counts), config.rank, seed=config.seed, dtype=dtype)
     space.compare.mkdir()
     for name in list(names)[:COMPARE_ADAPTERS]:
         (space.compare / name).symlink_to(names[name], target_is_directory=True)
-    make_random_adapters(base, space.cold, config.cold_adapters, config.rank, prefix="cold-", seed=config.seed + 1)
+    make_random_adapters(base, space.cold, config.cold_adapters, config.rank, prefix="cold-", seed=config.seed + 1, dtype=dtype)
     return space
 
 
@@ -124,7 +132,7 @@ def warm_up(config: SuiteConfig, url: str) -> None:
 
 def cold_starts(config: SuiteConfig, url: str, space: Workspace, results: SuiteResults) -> None:
     """Register never-seen adapters from disk one at a time and time each one's first token."""
-    before = {name: scrape_histogram(url, name) for name in (REGISTER, SLOT_LOAD)}
+    before = {REGISTER: scrape_histogram(url, REGISTER, source="path"), SLOT_LOAD: scrape_histogram(url, SLOT_LOAD)}
     with httpx.Client(base_url=url, timeout=120) as client:
         for index in range(config.cold_adapters):
             name = f"cold-{index}"
@@ -143,7 +151,7 @@ def run_loraplex(config: SuiteConfig, space: Workspace, results: SuiteResults) -
     port = free_port()
     args = loraplex_args(space.model, space.store, port, config.device, config.dtype, config.max_loras, config.concurrency)
     args += ["--lora-roots", str(space.cold)]
-    with ServerProcess("loraplex", args, port) as server:
+    with ServerProcess("loraplex", args, port, config.server_env) as server:
         warm_up(config, server.url)
         slot_loads_before = scrape_histogram(server.url, SLOT_LOAD)
         measure(config, server.url, "loraplex base only", trace(config, 0, 0.0, config.requests), results)
@@ -162,7 +170,7 @@ def run_baselines(config: SuiteConfig, space: Workspace, results: SuiteResults) 
     for kind in ("naive", "mixed"):
         port = free_port()
         args = baseline_args(kind, space.model, space.compare, port, config.device, config.dtype, config.concurrency)
-        with ServerProcess(f"peft-{kind}", args, port) as server:
+        with ServerProcess(f"peft-{kind}", args, port, config.server_env) as server:
             warm_up(config, server.url)
             measure(config, server.url, f"PEFT {kind} N={COMPARE_ADAPTERS} (compare)", compare, results)
 
@@ -201,6 +209,10 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
     parser.add_argument("--adapter-counts", default=",".join(map(str, defaults.adapter_counts)))
     parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="time bound of each run")
     parser.add_argument("--max-loras", type=int, default=defaults.max_loras)
+    parser.add_argument(
+        "--server-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads of each server on CPU (default: all cores but one, which the load generator uses)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", type=Path, default=defaults.out, help="plots and per-run files")
     parser.add_argument("--benchmarks-md", type=Path, default=defaults.benchmarks_md)
@@ -211,7 +223,8 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
     return SuiteConfig(
         model_config=args.model_config, device=args.device, rank=args.rank, concurrency=args.concurrency,
         requests=args.requests, compare_requests=args.compare_requests, cold_adapters=args.cold_adapters,
-        max_seconds=args.max_seconds, max_loras=args.max_loras, seed=args.seed, adapter_counts=counts,
+        max_seconds=args.max_seconds, max_loras=args.max_loras, server_threads=args.server_threads, seed=args.seed,
+        adapter_counts=counts,
         out=args.out / SuiteConfig(model_config=args.model_config, device=args.device).section,
         benchmarks_md=args.benchmarks_md,
     )  # fmt: skip

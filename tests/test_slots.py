@@ -130,23 +130,23 @@ def test_strategy_follows_tokens_per_segment_and_slot_range():
     [(40, 2, "segment"), (1, 2, "dense"), (1, 39, "gather")],
 )
 def test_every_strategy_computes_each_tokens_own_delta(tokens_per_slot, high_slot, strategy):
-    """Against a per-token loop: y[t] += x[t] @ A[s].T @ B[:, s].T, nothing for the null slot."""
+    """Against a per-token loop: y[t] += x[t] @ A[s].T @ B[s], nothing for the null slot."""
     torch.manual_seed(0)
     num_slots, rank, d_in, d_out = 40, 8, 12, 10
     null = num_slots
     lora_a = torch.randn(num_slots + 1, rank, d_in)
-    lora_b = torch.randn(d_out, num_slots + 1, rank)
+    lora_b = torch.randn(num_slots + 1, rank, d_out)  # B transposed, slot-major
     lora_a[null] = 0
-    lora_b[:, null] = 0
+    lora_b[null] = 0
     lora_a[1, 4:] = 0  # slot 1 holds a rank-4 adapter, zero-padded
-    lora_b[:, 1, 4:] = 0
+    lora_b[1, 4:] = 0
     used = [0, null, 1, high_slot]
     slots = [s for s in used for _ in range(tokens_per_slot)]
     x = torch.randn(len(slots), d_in)
     y = torch.randn(len(slots), d_out)
     expected = y.clone()
     for t, s in enumerate(slots):
-        expected[t] += x[t] @ lora_a[s].T @ lora_b[:, s].T
+        expected[t] += x[t] @ lora_a[s].T @ lora_b[s]
     batch = build_lora_batch(slots, {0: 8, 1: 4, high_slot: 8}, rank, torch.float32, CPU)
     chosen = "segment" if batch.use_segments else "dense" if batch.dense_mask is not None else "gather"
     assert chosen == strategy

@@ -48,15 +48,18 @@ def _build_group(
     num_queries = max(span.length for span in spans)
     num_keys = max(span.start + span.length for span in spans)
     num_blocks = -(-num_keys // block_size)
-    block_tables = torch.zeros(len(spans), num_blocks, dtype=torch.long)
-    query_pos = torch.full((len(spans), num_queries), -1, dtype=torch.long)
-    tokens, rows = [], []
+    tables, tokens, rows = [], [], []
     for i, span in enumerate(spans):
         used = -(-(span.start + span.length) // block_size)
-        block_tables[i, :used] = torch.tensor(span.block_table[:used], dtype=torch.long)
-        query_pos[i, : span.length] = torch.arange(span.start, span.start + span.length)
+        tables.append(span.block_table[:used] + [0] * (num_blocks - used))
         tokens.extend(range(span.token_offset, span.token_offset + span.length))
         rows.extend(range(i * num_queries, i * num_queries + span.length))
+    block_tables = torch.tensor(tables, dtype=torch.long)  # [B, num_blocks]
+    starts = torch.tensor([span.start for span in spans])  # [B]
+    lengths = torch.tensor([span.length for span in spans])  # [B]
+    offsets = torch.arange(num_queries)  # [Q]
+    # query_pos[b, i]: position of sequence b's i-th query, -1 for padding
+    query_pos = torch.where(offsets[None, :] < lengths[:, None], starts[:, None] + offsets[None, :], -1)
     # kv_index[b, j]: cache slot of position j of sequence b (padding points at slot 0, masked out)
     kv_index = (block_tables[:, :, None] * block_size + torch.arange(block_size)).reshape(len(spans), -1)
     kv_index = kv_index[:, :num_keys].contiguous()

@@ -1,9 +1,9 @@
 """The LoRA wrapper around each targetable linear of the base, and the slot stacks it owns.
 
 Owns: wrapping q/k/v/o and gate/up/down projections once at start-up (quantized or not), the
-pre-allocated stacks `lora_a: [max_loras + 1, max_rank, in]` and `lora_b: [out, max_loras + 1,
-max_rank]` (out-major, see lora_ops.py; the last slot is the all-zero null slot), and writing an adapter into a slot. The base
-weights are never modified. Which tokens use which slot is read from the shared `LoraContext`.
+pre-allocated stacks `lora_a: [max_loras + 1, max_rank, in]` and `lora_b: [max_loras + 1, max_rank,
+out]` (B transposed, see lora_ops.py; the last slot is the all-zero null slot), and writing an
+adapter into a slot. The base weights are never modified. Which tokens use which slot is read from the shared `LoraContext`.
 """
 
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ class LoraLinear(nn.Module):
             "lora_a", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False
         )
         self.register_buffer(
-            "lora_b", torch.zeros(self.out_features, num_slots + 1, max_rank, dtype=dtype, device=device), persistent=False
+            "lora_b", torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
         )
         self.context = context
 
@@ -51,12 +51,12 @@ class LoraLinear(nn.Module):
     def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> None:
         """Copy one adapter's pair into `slot`, zero-padding the rank; None clears the slot."""
         self.lora_a[slot].zero_()
-        self.lora_b[:, slot].zero_()
+        self.lora_b[slot].zero_()
         if lora_a is None:
             return
         rank = lora_a.shape[0]
         self.lora_a[slot, :rank].copy_(lora_a)
-        self.lora_b[:, slot, :rank].copy_(lora_b.to(torch.float32).mul(scaling))
+        self.lora_b[slot, :rank].copy_(lora_b.to(torch.float32).mul(scaling).T)  # PEFT's B is [out, r]
 
 
 def wrap_lora_targets(
