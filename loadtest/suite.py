@@ -147,11 +147,20 @@ def cold_starts(config: SuiteConfig, url: str, space: Workspace, results: SuiteR
     results.cold_slot = histogram_delta(before[SLOT_LOAD], scrape_histogram(url, SLOT_LOAD))
 
 
+def check_served(url: str, wanted: int) -> None:
+    """Refuse to measure a server that did not take every adapter: its runs would be 404s."""
+    served = {model["id"] for model in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
+    missing = [f"lora-{index}" for index in range(wanted) if f"lora-{index}" not in served]
+    if missing:
+        raise RuntimeError(f"the server does not serve {len(missing)} of the adapters, e.g. {missing[:3]}; see its log")
+
+
 def run_loraplex(config: SuiteConfig, space: Workspace, results: SuiteResults) -> None:
     port = free_port()
     args = loraplex_args(space.model, space.store, port, config.device, config.dtype, config.max_loras, config.concurrency)
     args += ["--lora-roots", str(space.cold)]
     with ServerProcess("loraplex", args, port, config.server_env) as server:
+        check_served(server.url, max(config.adapter_counts))
         warm_up(config, server.url)
         slot_loads_before = scrape_histogram(server.url, SLOT_LOAD)
         measure(config, server.url, "loraplex base only", trace(config, 0, 0.0, config.requests), results)
@@ -171,6 +180,7 @@ def run_baselines(config: SuiteConfig, space: Workspace, results: SuiteResults) 
         port = free_port()
         args = baseline_args(kind, space.model, space.compare, port, config.device, config.dtype, config.concurrency)
         with ServerProcess(f"peft-{kind}", args, port, config.server_env) as server:
+            check_served(server.url, COMPARE_ADAPTERS)
             warm_up(config, server.url)
             measure(config, server.url, f"PEFT {kind} N={COMPARE_ADAPTERS} (compare)", compare, results)
 

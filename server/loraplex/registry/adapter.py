@@ -198,9 +198,20 @@ def parse_config(raw: bytes | str) -> dict:
     return config
 
 
+def _has_safetensors_header(raw: bytes) -> bool:
+    """Whether `raw` starts as safetensors does: a little-endian u64 length, then that much JSON."""
+    header_length = int.from_bytes(raw[:8], "little")
+    return len(raw) > 8 and header_length <= len(raw) - 8 and raw[8:9] == b"{"
+
+
 def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes; a pickle or any other format is refused, never unpickled."""
-    if raw[:1] == b"\x80" or raw[:2] == b"PK":
+    """Parse safetensors bytes; a pickle or any other format is refused, never unpickled.
+
+    A safetensors header length can start with the same byte as a pickle (0x80) or a zip (`PK`),
+    so the pickle message is only given to files that are not safetensors-shaped.
+    """
+    pickle_magic = raw[:1] == b"\x80" or raw[:4] == b"PK\x03\x04"
+    if pickle_magic and not _has_safetensors_header(raw):
         raise AdapterMalformed(f"{WEIGHTS_FILE} looks like a pickle/torch.save file; only safetensors is accepted")
     try:
         return load_safetensors_bytes(raw)
