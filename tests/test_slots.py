@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from loraplex.engine.lora_layer import LoraContext, LoraLinear
 from loraplex.engine.lora_ops import add_lora_delta, build_lora_batch, find_segments
 from loraplex.registry.adapter import LoraAdapter
 from loraplex.registry.slots import SlotCache
@@ -154,3 +155,19 @@ def test_every_strategy_computes_each_tokens_own_delta(tokens_per_slot, high_slo
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     base_rows = slice(tokens_per_slot, 2 * tokens_per_slot)
     assert torch.equal(y[base_rows], expected[base_rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_slot_rewritten_with_a_lower_rank_adapter_keeps_nothing_of_the_previous_one(dtype):
+    base = torch.nn.Linear(6, 5, bias=False)
+    layer = LoraLinear(base, num_slots=2, max_rank=8, dtype=dtype, context=LoraContext())
+    a8, b8 = torch.randn(8, 6), torch.randn(5, 8)
+    a4, b4 = torch.randn(4, 6), torch.randn(5, 4)
+    layer.write_slot(1, a8, b8, scaling=2.0)
+    layer.write_slot(1, a4, b4, scaling=0.5)
+
+    assert torch.equal(layer.lora_a[1, :4], a4.to(dtype))
+    assert torch.equal(layer.lora_b[1, :4], (b4 * 0.5).T.to(dtype))
+    assert not layer.lora_a[1, 4:].any() and not layer.lora_b[1, 4:].any()
+    layer.write_slot(1, None, None, 0.0)
+    assert not layer.lora_a.any() and not layer.lora_b.any()

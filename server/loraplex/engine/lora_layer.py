@@ -40,6 +40,7 @@ class LoraLinear(nn.Module):
             "lora_b", torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
         )
         self.context = context
+        self.slot_ranks = [0] * (num_slots + 1)  # rows of each slot that may be non-zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
@@ -49,14 +50,24 @@ class LoraLinear(nn.Module):
         return y
 
     def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> None:
-        """Copy one adapter's pair into `slot`, zero-padding the rank; None clears the slot."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        """Copy one adapter's pair into `slot`, zero-padding the rank; None clears the slot.
+
+        Only the rows the previous occupant used beyond the new rank are zeroed, so a slot switch
+        between adapters of one rank is two copies per wrapper.
+        """
+        rank = 0 if lora_a is None else lora_a.shape[0]
+        previous, self.slot_ranks[slot] = self.slot_ranks[slot], rank
+        if previous > rank:
+            self.lora_a[slot, rank:previous].zero_()
+            self.lora_b[slot, rank:previous].zero_()
         if lora_a is None:
             return
-        rank = lora_a.shape[0]
         self.lora_a[slot, :rank].copy_(lora_a)
-        self.lora_b[slot, :rank].copy_(lora_b.to(torch.float32).mul(scaling).T)  # PEFT's B is [out, r]
+        # B is scaled in float32, then stored in the stacks' dtype; PEFT's B is [out, r].
+        if self.lora_b.dtype == torch.float32 and lora_b.dtype == torch.float32:
+            torch.mul(lora_b.T, scaling, out=self.lora_b[slot, :rank])
+        else:
+            self.lora_b[slot, :rank].copy_(lora_b.to(torch.float32).mul(scaling).T)
 
 
 def wrap_lora_targets(
