@@ -13,6 +13,7 @@ from rich.console import Console
 
 app = typer.Typer(help="loraplex: many LoRA adapters on one resident base model.", no_args_is_help=True)
 console = Console(stderr=True)
+MAX_NAMES_SHOWN = 20  # adapter names printed at start-up; GET /v1/adapters lists them all
 
 
 @app.callback()
@@ -134,7 +135,8 @@ def serve(
     console.print(f"model: {config.model_name} ({config.engine.model})")
     console.print(f"device: {base.device}, dtype: {str(base.dtype).removeprefix('torch.')}, quantization: {base.quantize}")
     names = svc.catalog.names()
-    console.print(f"adapters in {config.adapters}: {', '.join(names) if names else 'none'}")
+    shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > MAX_NAMES_SHOWN else "")
+    console.print(f"adapters in {config.adapters}: {shown or 'none'}")
     for name, problem in problems:
         console.print(f"[yellow]skipped adapter {name}:[/yellow] {problem}")
     if svc.keys.open_access:
