@@ -115,16 +115,23 @@ def read_prompts(path: Path) -> list[tuple[str, int | None]]:
 
 
 def build_trace(config: TraceConfig) -> list[RequestSpec]:
-    """The trace's requests, in sending order; the same config always gives the same trace."""
-    rng = np.random.default_rng(config.seed)
+    """The trace's requests, in sending order; the same config always gives the same trace.
+
+    Adapters, arrivals, lengths and prompts come from separate streams of the seed, so traces that
+    differ only in their adapters (or rate) share their prompts and lengths: a base-only run and
+    an N-adapter run ask for exactly the same tokens.
+    """
+    adapter_rng, arrival_rng, length_rng, prompt_rng = (
+        np.random.default_rng(stream) for stream in np.random.SeedSequence(config.seed).spawn(4)
+    )
     count = config.num_requests
     if config.adapters:
-        picks = rng.choice(len(config.adapters), size=count, p=popularity(len(config.adapters), config.alpha))
+        picks = adapter_rng.choice(len(config.adapters), size=count, p=popularity(len(config.adapters), config.alpha))
         models = [config.adapters[pick] for pick in picks]
     else:
         models = [config.base_model] * count
-    arrivals = arrival_times(count, config.rate, config.cv, rng) if config.rate is not None else np.zeros(count)
-    output_lens = rng.integers(config.output_len[0], config.output_len[1] + 1, size=count)
+    arrivals = arrival_times(count, config.rate, config.cv, arrival_rng) if config.rate is not None else np.zeros(count)
+    output_lens = length_rng.integers(config.output_len[0], config.output_len[1] + 1, size=count)
     file_prompts = read_prompts(config.prompts_file) if config.prompts_file is not None else None
     specs = []
     for index in range(count):
@@ -134,8 +141,8 @@ def build_trace(config: TraceConfig) -> list[RequestSpec]:
             prompt_tokens = 0
             max_tokens = file_max_tokens if file_max_tokens is not None else max_tokens
         else:
-            prompt_tokens = int(rng.integers(config.prompt_len[0], config.prompt_len[1] + 1))
-            prompt = rng.integers(config.token_ids[0], config.token_ids[1], size=max(prompt_tokens, 1)).tolist()
+            prompt_tokens = int(length_rng.integers(config.prompt_len[0], config.prompt_len[1] + 1))
+            prompt = prompt_rng.integers(config.token_ids[0], config.token_ids[1], size=max(prompt_tokens, 1)).tolist()
             prompt_tokens = len(prompt)
         specs.append(RequestSpec(index, float(arrivals[index]), models[index], prompt, prompt_tokens, max_tokens))
     return specs

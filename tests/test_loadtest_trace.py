@@ -64,6 +64,13 @@ def test_the_same_seed_gives_the_same_trace_and_another_seed_another():
     assert build_trace(config) != build_trace(TraceConfig(num_requests=30, adapters=ADAPTERS, rate=5.0, seed=8))
 
 
+def test_traces_that_differ_only_in_adapters_ask_for_the_same_prompts_and_lengths():
+    base = build_trace(TraceConfig(num_requests=50, seed=4))
+    spread = build_trace(TraceConfig(num_requests=50, adapters=ADAPTERS, alpha=1.0, seed=4))
+    assert [(s.prompt, s.max_tokens) for s in base] == [(s.prompt, s.max_tokens) for s in spread]
+    assert {s.model for s in spread} != {s.model for s in base}
+
+
 def test_jsonl_prompts_are_used_in_order_cycling_with_their_own_max_tokens(tmp_path):
     path = tmp_path / "prompts.jsonl"
     lines = [json.dumps("plain text"), "", json.dumps({"prompt": "with budget", "max_tokens": 7})]
