@@ -58,6 +58,32 @@ def generate(
     console.print(f"[{len(completion.output_ids)} tokens, finish reason: {completion.finish_reason.value}]")
 
 
+@app.command()
+def export(
+    adapter: Annotated[str, typer.Option(help="Adapter name in the store, or a PEFT adapter directory.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the merged checkpoint to (new or empty).")],
+    model: Annotated[Path | None, typer.Option(help="The base's full-precision checkpoint (default: the bundled demo).")] = None,
+    adapters: Annotated[Path, typer.Option(help="Adapter store that names are looked up in.")] = Path("adapters"),
+    dtype: Annotated[str, typer.Option(help="auto (keep the checkpoint's), float32, bfloat16 or float16.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="none, or nf4 / int8 to save it pre-quantized (bitsandbytes).")] = "none",
+) -> None:
+    """Merge one adapter into the base and write a standard Hugging Face checkpoint."""
+    from loraplex.demo import DEMO_MODEL_DIR
+    from loraplex.errors import LoraplexError
+    from loraplex.export import export_merged
+
+    adapter_dir = Path(adapter) if Path(adapter).is_dir() else adapters / adapter
+    try:
+        report = export_merged(model or DEMO_MODEL_DIR, adapter_dir, out, dtype=dtype, quantize=quantize)
+    except (LoraplexError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(
+        f"merged {adapter_dir.name} into {report.merged_modules} weights; wrote {report.shards} shard(s), "
+        f"{report.bytes_written / 2**20:.1f} MiB, to {report.out_dir}"
+    )
+
+
 def _option(help_text: str, env: str, **kwargs):
     return typer.Option(help=help_text, envvar=f"LORAPLEX_{env}", show_envvar=True, **kwargs)
 
