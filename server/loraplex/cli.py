@@ -115,6 +115,9 @@ def serve(
         list[Path] | None, _option("Directories /v1/load_lora_adapter may read (default: the store).", "LORA_ROOTS")
     ] = None,
     drain_timeout: Annotated[float, _option("Seconds SIGTERM waits for running requests.", "DRAIN_TIMEOUT")] = 30.0,
+    merge_adapter: Annotated[
+        str | None, _option("Serve this store adapter merged into the base, under its name, with LoRA off.", "MERGE_ADAPTER")
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API, adapter management and metrics over HTTP."""
     from pydantic import ValidationError
@@ -152,6 +155,7 @@ def serve(
             api_keys=api_keys,
             lora_roots=tuple(lora_roots or ()),
             drain_timeout=drain_timeout,
+            merge_adapter=merge_adapter,
         )
         svc, problems = build_services(config)
     except (LoraplexError, ValueError, ValidationError) as exc:
@@ -160,6 +164,8 @@ def serve(
     base = svc.engine.base
     console.print(f"model: {config.model_name} ({config.engine.model})")
     console.print(f"device: {base.device}, dtype: {str(base.dtype).removeprefix('torch.')}, quantization: {base.quantize}")
+    if config.merge_adapter is not None:
+        console.print(f"serving adapter {config.merge_adapter} merged into the base: LoRA off, no adapters taken")
     names = svc.catalog.names()
     shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > MAX_NAMES_SHOWN else "")
     console.print(f"adapters in {config.adapters}: {shown or 'none'}")

@@ -31,6 +31,8 @@ class EngineConfig(BaseModel):
             for a slot before admission becomes strictly first-come (no starvation).
         max_queue: requests that may wait for admission; past it `add_request` raises `QueueFull`.
             None means unbounded.
+        enable_lora: False serves the model as it is: no LoRA wrappers, no per-step LoRA cost, and
+            adapters are refused (a server of one merged adapter).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,6 +51,7 @@ class EngineConfig(BaseModel):
     logprobs_mode: Literal["raw_logprobs", "raw_logits"] = "raw_logprobs"
     max_slot_bypass: int | None = Field(default=None, ge=0)
     max_queue: int | None = Field(default=None, ge=0)
+    enable_lora: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
@@ -70,6 +73,8 @@ class ServerConfig(BaseModel):
         lora_roots: directories `POST /v1/load_lora_adapter` may read from; the store by default.
         drain_timeout: seconds SIGTERM waits for running requests before exiting.
         retry_after: seconds a 429 or 503 tells the client to wait.
+        merge_adapter: serve this store adapter merged into the base, under the adapter's name,
+            with the LoRA path off; the store is not served.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,10 +89,11 @@ class ServerConfig(BaseModel):
     lora_roots: tuple[Path, ...] = ()
     drain_timeout: float = Field(default=30.0, ge=0)
     retry_after: int = Field(default=1, ge=0)
+    merge_adapter: str | None = None
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.engine.model).resolve().name
+        return self.served_model_name or self.merge_adapter or Path(self.engine.model).resolve().name
 
     @property
     def allowed_lora_roots(self) -> tuple[Path, ...]:

@@ -1,13 +1,16 @@
 """The serving process: build everything from one `ServerConfig`, run it, drain it on SIGTERM.
 
-Owns: assembling `Services` (keys, engine, metrics, adapter store and catalog) and running the
+Owns: assembling `Services` (keys, engine, metrics, adapter store and catalog; or, with
+`merge_adapter`, an engine over one adapter merged into the base, with LoRA off) and running the
 app on uvicorn in this process, with a drain on the first SIGTERM or SIGINT: new `/v1` requests
 get 503 and `/health` turns 503 while running requests finish, for at most `drain_timeout`
 seconds; then the process exits. A second signal exits at once.
 """
 
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -16,9 +19,11 @@ from loraplex.api.auth import ApiKeys
 from loraplex.api.services import Services
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
+from loraplex.errors import AdapterNotFound
+from loraplex.export import export_merged
 from loraplex.metrics import Metrics
 from loraplex.registry.catalog import AdapterCatalog
-from loraplex.registry.store import AdapterStore
+from loraplex.registry.store import AdapterStore, check_name
 
 
 def build_services(config: ServerConfig) -> tuple[Services, list[tuple[str, str]]]:
@@ -28,15 +33,31 @@ def build_services(config: ServerConfig) -> tuple[Services, list[tuple[str, str]
         The services, and (name, problem) for each stored adapter that could not be served.
     """
     keys = ApiKeys.load(config.api_keys) if config.api_keys is not None else ApiKeys.open()
-    engine = Engine(config.engine)
+    engine = merged_engine(config) if config.merge_adapter is not None else Engine(config.engine)
     metrics = Metrics(lambda: engine.snapshot)
     engine.observer = metrics
     store = AdapterStore(config.adapters)
     catalog = AdapterCatalog(
         engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots, metrics.adapter_registered
     )
-    problems = catalog.load_store()
+    problems = catalog.load_store() if config.engine.enable_lora and config.merge_adapter is None else []
     return Services(config, engine, catalog, keys, metrics), problems
+
+
+def merged_engine(config: ServerConfig) -> Engine:
+    """An engine over the base with `merge_adapter` merged in, LoRA off.
+
+    The merge reads the original full-precision checkpoint (never quantized weights) into a
+    temporary checkpoint, which the engine loads (and quantizes, with `--quantize`) and drops.
+    """
+    name = config.merge_adapter
+    check_name(name)
+    adapter_dir = config.adapters / name
+    if not adapter_dir.is_dir():
+        raise AdapterNotFound(f"--merge-adapter {name}: there is no adapter {name!r} in the store {config.adapters}")
+    with tempfile.TemporaryDirectory(prefix="loraplex-merged-") as merged_dir:
+        export_merged(Path(config.engine.model), adapter_dir, Path(merged_dir))
+        return Engine(config.engine.model_copy(update={"model": merged_dir, "enable_lora": False}))
 
 
 class _DrainingServer(uvicorn.Server):

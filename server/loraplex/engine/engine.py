@@ -36,7 +36,7 @@ from loraplex.engine.sampling import sample, token_logprobs
 from loraplex.engine.scheduler import Scheduler, SchedulerLimits
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import RequestStream
-from loraplex.errors import AdapterNotFound, QueueFull, RequestInvalid
+from loraplex.errors import AdapterInvalid, AdapterNotFound, QueueFull, RequestInvalid
 from loraplex.registry.adapter import LoraAdapter, build_adapter, load_adapter
 from loraplex.registry.slots import SlotCache
 
@@ -68,8 +68,10 @@ class Engine:
         hf_config = self.base.model.config
         self.max_model_len = config.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096), 4096)
         self.lora_context = LoraContext()
-        self.wrappers = wrap_lora_targets(
-            self.base.model, config.max_loras, config.max_lora_rank, self.base.dtype, self.lora_context
+        self.wrappers = (
+            wrap_lora_targets(self.base.model, config.max_loras, config.max_lora_rank, self.base.dtype, self.lora_context)
+            if config.enable_lora
+            else {}
         )
         self.module_shapes = module_shapes(self.wrappers)
         self.null_slot = config.max_loras
@@ -119,13 +121,19 @@ class Engine:
 
     def validate_adapter(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> LoraAdapter:
         """Check PEFT contents against this base without registering them."""
+        self._require_lora()
         return build_adapter(name, config, tensors, self.module_shapes, self.config.max_lora_rank, self.base.dtype)
 
     def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
         """Read, validate and register the PEFT directory at `path` under `name`."""
+        self._require_lora()
         adapter = load_adapter(Path(path), name, self.module_shapes, self.config.max_lora_rank, self.base.dtype)
         self.register_adapter(adapter)
         return adapter
+
+    def _require_lora(self) -> None:
+        if not self.config.enable_lora:
+            raise AdapterInvalid("this server runs with LoRA off (it serves one merged model), so it takes no adapters")
 
     def register_adapter(self, adapter: LoraAdapter) -> None:
         """Make `adapter` the version new requests for its name get; running ones keep theirs."""
