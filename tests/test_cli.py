@@ -53,3 +53,35 @@ def test_serve_reports_a_bad_api_keys_file_and_exits(llama, tmp_path):
     )
     assert result.returncode == 2
     assert "at least 8 characters" in result.stderr and "short" not in result.stderr.replace("key = ", "")
+
+
+def test_plan_prints_every_figure_from_the_config_alone(llama):
+    result = subprocess.run(
+        [LORAPLEX, "plan", "--model", str(llama.model_dir / "config.json"), "--dtype", "float32", "--max-loras", "4"],
+        capture_output=True, text=True, timeout=120, check=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    for label in ("base weights", "KV cache", "adapter slots", "host memory per adapter", "full finetune", "LoRA finetune"):
+        assert label in result.stdout
+
+
+def test_plan_reports_a_missing_model(tmp_path):
+    result = subprocess.run(
+        [LORAPLEX, "plan", "--model", str(tmp_path / "absent")],
+        capture_output=True, text=True, timeout=120, env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_export_writes_a_checkpoint_from_a_store_adapter_and_refuses_to_overwrite(llama, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "acme").symlink_to(llama.adapter_dirs["r4-qv"], target_is_directory=True)
+    command = [LORAPLEX, "export", "--model", str(llama.model_dir), "--adapters", str(store), "--adapter", "acme"]
+    wide = {"COLUMNS": "300", "PATH": "/usr/bin:/bin"}  # rich wraps at the terminal width
+    first = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=wide)
+    assert first.returncode == 0, first.stderr
+    assert "merged acme into 4 weights" in first.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {path.name for path in (tmp_path / "out").iterdir()}
+    again = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=wide)
+    assert again.returncode == 2 and "not empty" in again.stderr

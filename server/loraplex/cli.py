@@ -84,6 +84,36 @@ def export(
     )
 
 
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="A checkpoint directory or a config.json; only the config is read.")],
+    quantize: Annotated[str, typer.Option(help="none, nf4 or int8 (bitsandbytes).")] = "none",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16, as on a GPU), float32, bfloat16 or float16.")] = "auto",
+    max_loras: Annotated[int, typer.Option(help="Device adapter slots.")] = 8,
+    max_lora_rank: Annotated[int, typer.Option(help="Rank of the slot stacks.")] = 64,
+    max_model_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default: the model's, up to 4096).")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Sequences the KV cache holds at full length.")] = 32,
+    adapter_rank: Annotated[int, typer.Option(help="Rank of the adapters counted on the host and in training.")] = 16,
+) -> None:
+    """Print the memory a deployment needs, from the model's config alone (no weights are loaded)."""
+    from rich.table import Table
+
+    from loraplex.plan import plan_memory
+
+    try:
+        memory = plan_memory(
+            model, quantize=quantize, dtype=dtype, max_loras=max_loras, max_lora_rank=max_lora_rank,
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs, adapter_rank=adapter_rank,
+        )  # fmt: skip
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    table = Table(show_header=False, box=None)
+    for label, value in memory.to_table():
+        table.add_row(f"[bold]{label}[/bold]", value)
+    Console().print(table)
+
+
 def _option(help_text: str, env: str, **kwargs):
     return typer.Option(help=help_text, envvar=f"LORAPLEX_{env}", show_envvar=True, **kwargs)
 

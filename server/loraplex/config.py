@@ -53,6 +53,14 @@ class EngineConfig(BaseModel):
     max_queue: int | None = Field(default=None, ge=0)
     enable_lora: bool = True
 
+    def model_len(self, max_position_embeddings: int | None) -> int:
+        """Tokens per sequence: `max_model_len`, else the model's positions, at most 4096."""
+        return self.max_model_len or min(max_position_embeddings or 4096, 4096)
+
+    def kv_blocks(self, model_len: int) -> int:
+        """KV-cache blocks: `num_kv_blocks`, else enough for `max_num_seqs` sequences of `model_len`."""
+        return self.num_kv_blocks or self.max_num_seqs * -(-model_len // self.block_size)
+
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
         if self.quantize != "none" and self.dtype == "float16" and self.device == "cpu":

@@ -134,8 +134,8 @@ def svd_module(parts: list[Part], rank: int) -> tuple[torch.Tensor, torch.Tensor
     """
     deltas = [(lora.lora_b @ lora.lora_a) * lora.scaling for lora, _ in parts]  # each [out, in]
     delta = task_arithmetic(deltas, torch.tensor([weight for _, weight in parts], dtype=torch.float32))  # [out, in]
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # u: [out, k], s: [k], vh: [k, in]
-    return vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])
+    u, s, vh = torch.linalg.svd(delta, full_matrices=True)  # u: [out, out], s: [k], vh: [in, in]
+    return vh[:rank, :].clone(), u[:, :rank] @ torch.diag(s[:rank])
 
 
 def split_weights(parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +273,7 @@ def _check_compatible(configs: list[Mapping], method: str) -> None:
 
 def _peft_rank(config: Mapping) -> int:
     """An adapter's rank as peft's merge counts it: r, or the largest rank_pattern value if bigger."""
-    return int(max(config["r"], *(config.get("rank_pattern") or {}).values()))
+    return int(max([config["r"], *(config.get("rank_pattern") or {}).values()]))
 
 
 def _merged_rank(method: str, ranks: list[int], rank: int | None, sources: list[LoraAdapter], shapes: list[ModuleShape]) -> int:

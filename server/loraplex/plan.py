@@ -319,7 +319,7 @@ def plan_memory(
     projections = shape.projections().values()
     linear_params = shape.num_layers * sum(i * o for i, o in projections)
     other_params = shape.num_layers * layer_other_params(shape) + outer_params(shape)
-    model_len = engine.max_model_len or min(getattr(config, "max_position_embeddings", 4096), 4096)
+    model_len = engine.model_len(getattr(config, "max_position_embeddings", None))
     return MemoryPlan(
         shape=shape,
         dtype=str(torch_dtype).removeprefix("torch."),
@@ -330,7 +330,7 @@ def plan_memory(
         max_model_len=model_len,
         max_num_seqs=engine.max_num_seqs,
         block_size=engine.block_size,
-        num_kv_blocks=engine.num_kv_blocks or engine.max_num_seqs * -(-model_len // engine.block_size),
+        num_kv_blocks=engine.kv_blocks(model_len),
         kv_bytes_per_token=2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes,
         max_loras=engine.max_loras,
         max_lora_rank=engine.max_lora_rank,

@@ -66,7 +66,7 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.base = base or load_base_model(config)
         hf_config = self.base.model.config
-        self.max_model_len = config.max_model_len or min(getattr(hf_config, "max_position_embeddings", 4096), 4096)
+        self.max_model_len = config.model_len(getattr(hf_config, "max_position_embeddings", None))
         self.lora_context = LoraContext()
         self.wrappers = (
             wrap_lora_targets(self.base.model, config.max_loras, config.max_lora_rank, self.base.dtype, self.lora_context)
@@ -77,7 +77,7 @@ class Engine:
         self.null_slot = config.max_loras
         self.slots = SlotCache(config.max_loras, lambda slot, adapter: write_adapter(self.wrappers, slot, adapter))
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        num_blocks = config.num_kv_blocks or config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        num_blocks = config.kv_blocks(self.max_model_len)
         self.kv_cache = KVCache(
             hf_config.num_hidden_layers,
             num_blocks,
