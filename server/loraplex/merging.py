@@ -40,7 +40,6 @@ from loraplex.errors import AdapterInvalid, RequestInvalid
 from loraplex.registry.adapter import _PEFT_PREFIX, LoraAdapter, LoraWeights, ModuleShape, build_adapter
 
 MERGE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
-EQUAL_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
 # peft's `init_lora_weights` values whose draws from the RNG `_replay_injection` reproduces.
 _REPLAYED_INITS = (True, False, "gaussian", "eva")
@@ -83,7 +82,7 @@ def merge_adapters(
     sources = [_validated(index, config, tensors, base_modules) for index, (config, tensors) in enumerate(adapters)]
     _check_compatible(configs, method)
     ranks = [_peft_rank(config) for config in configs]
-    modules = sorted({module for source in sources for module in source.modules}, key=_model_order)
+    modules = sorted({module for source in sources for module in source.modules}, key=model_order)
     new_rank = _merged_rank(method, ranks, rank, sources, [base_modules[module] for module in modules])
     generator = None
     if method.startswith("dare_"):
@@ -125,17 +124,26 @@ def cat_module(parts: list[Part], rank: int) -> tuple[torch.Tensor, torch.Tensor
 def svd_module(parts: list[Part], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`svd`: the best rank-`rank` factorisation of the weighted sum of the adapters' deltas.
 
+    peft takes the SVD of the dense [out, in] sum; here the sum stays factored as B @ A (the `cat`
+    factors, R = sum of ranks) and only an [R, R] core is decomposed, in float64: the same result to
+    float32 rounding, in milliseconds where a dense SVD of one [4096, 11008] delta takes a minute.
+
     Args:
         parts: the adapters that target the module, in order, with their weights.
-        rank: the merged rank, at most min(in, out).
+        rank: the merged rank, at most min(in, out); missing singular directions are zero-padded.
 
     Returns:
         A [rank, in] (the top right singular vectors) and B [out, rank] (left ones times singular values).
     """
-    deltas = [(lora.lora_b @ lora.lora_a) * lora.scaling for lora, _ in parts]  # each [out, in]
-    delta = task_arithmetic(deltas, torch.tensor([weight for _, weight in parts], dtype=torch.float32))  # [out, in]
-    u, s, vh = torch.linalg.svd(delta, full_matrices=True)  # u: [out, out], s: [k], vh: [in, in]
-    return vh[:rank, :].clone(), u[:, :rank] @ torch.diag(s[:rank])
+    lora_a = torch.cat([lora.lora_a.double() * (weight * lora.scaling) for lora, weight in parts], dim=0)  # [R, in]
+    lora_b = torch.cat([lora.lora_b.double() for lora, _ in parts], dim=1)  # [out, R]
+    q_b, r_b = torch.linalg.qr(lora_b)  # [out, m], [m, R]
+    q_a, r_a = torch.linalg.qr(lora_a.T)  # [in, n], [n, R]
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # [m, k], [k], [k, n]
+    merged_b = (q_b @ u[:, :rank]) * s[:rank]  # [out, min(rank, k)]
+    merged_a = vh[:rank] @ q_a.T  # [min(rank, k), in]
+    missing = rank - merged_a.shape[0]
+    return F.pad(merged_a, (0, 0, 0, missing)).float(), F.pad(merged_b, (0, missing)).float()
 
 
 def split_weights(parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +160,7 @@ def combine_module(
     """`linear`, `ties`, `dare_linear`, `dare_ties`: the A's and the B's each combined on their own.
 
     Args:
-        method: one of EQUAL_RANK_METHODS.
+        method: linear, ties, dare_linear or dare_ties.
         parts: the adapters that target the module, in order, with their weights; all of one rank r.
         density: the fraction kept by ties / DARE pruning.
         generator: DARE's random stream, drawn A's first, then B's, adapter by adapter.
@@ -166,7 +174,9 @@ def combine_module(
     return lora_a, lora_b
 
 
-def _combine(method: str, tensors: list[torch.Tensor], weights: torch.Tensor, density, generator) -> torch.Tensor:
+def _combine(
+    method: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None, generator: torch.Generator | None
+) -> torch.Tensor:
     if method == "linear":
         return task_arithmetic(tensors, weights)
     if method == "ties":
@@ -295,8 +305,8 @@ def _merged_rank(method: str, ranks: list[int], rank: int | None, sources: list[
         for module, lora in source.modules.items():
             if lora.rank != ranks[0]:
                 raise RequestInvalid(
-                    f"method {method!r} needs every module at one rank, but adapters[{index}] has {module} at rank "
-                    f"{lora.rank} (rank_pattern) and r={ranks[0]}; merge it with 'cat' or 'svd'",
+                    f"method {method!r} needs every module at one rank ({ranks[0]}), but adapters[{index}] has {module} "
+                    f"at rank {lora.rank} (its rank_pattern gives modules different ranks); merge it with 'cat' or 'svd'",
                     param="adapters",
                 )
     return ranks[0]
@@ -317,7 +327,7 @@ def _merged_config(configs: list[Mapping], rank: int) -> dict:
     return config
 
 
-def _model_order(module: str) -> tuple:
+def model_order(module: str) -> tuple:
     """Sort key giving the base model's module order, as peft visits it: by layer, then q, k, v, o, gate, up, down."""
     leaf = module.rsplit(".", 1)[-1]
     layers = tuple(int(part) for part in module.split(".") if part.isdigit())
