@@ -85,6 +85,44 @@ def export(
 
 
 @app.command()
+def merge(
+    adapters_to_merge: Annotated[str, typer.Option("--adapters", help="Comma-separated store adapter names, e.g. a,b,c.")],
+    weights: Annotated[str, typer.Option(help="Comma-separated weights, one per adapter, e.g. 0.6,0.4.")],
+    out: Annotated[str, typer.Option(help="Name of the new adapter in the store.")],
+    method: Annotated[str, typer.Option(help="linear, cat, svd, ties, dare_linear or dare_ties.")] = "linear",
+    density: Annotated[float | None, typer.Option(help="Fraction of entries kept (ties, dare_*).")] = None,
+    rank: Annotated[int | None, typer.Option(help="Rank of the result (svd).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random pruning.")] = 0,
+    model: Annotated[Path | None, typer.Option(help="The base checkpoint the adapters belong to (default: the bundled demo).")] = None,
+    store: Annotated[Path, typer.Option(help="The adapter store.")] = Path("adapters"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an adapter of the same name.")] = False,
+) -> None:
+    """Merge store adapters into a new one in the store (shared, as adapters placed by an operator are)."""
+    import json
+
+    from safetensors.torch import save as save_safetensors
+
+    from loraplex.demo import DEMO_MODEL_DIR
+    from loraplex.errors import LoraplexError
+    from loraplex.export import module_shapes, tensor_shapes, weight_files
+    from loraplex.merging import merge_adapters
+    from loraplex.registry.adapter import read_adapter_dir
+    from loraplex.registry.store import AdapterStore
+
+    names = [name.strip() for name in adapters_to_merge.split(",") if name.strip()]
+    try:
+        factors = [float(weight) for weight in weights.split(",")]
+        shapes = module_shapes(tensor_shapes(weight_files(model or DEMO_MODEL_DIR)))
+        sources = [read_adapter_dir(store / name) for name in names]
+        config, tensors = merge_adapters(sources, factors, method, shapes, density, rank, seed)
+        stored = AdapterStore(store).save(out, json.dumps(config, indent=2).encode(), save_safetensors(tensors), None, overwrite=overwrite)
+    except (LoraplexError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(f"merged {', '.join(names)} ({method}) into {stored.name}: rank {config['r']}, in {stored.path}")
+
+
+@app.command()
 def plan(
     model: Annotated[str, typer.Option(help="A checkpoint directory or a config.json; only the config is read.")],
     quantize: Annotated[str, typer.Option(help="none, nf4 or int8 (bitsandbytes).")] = "none",

@@ -3,7 +3,8 @@
 Owns: the HTTP side of adapter management. `POST /v1/adapters` takes multipart form data
 (`name`, `config` = adapter_config.json, `weights` = adapter_model.safetensors, optional
 `chat_template`, `overwrite`, `shared`), reads the body with a hard byte limit before parsing it,
-and hands the files to the catalog, which validates, stores and serves them. The vLLM-compatible
+and hands the files to the catalog, which validates, stores and serves them. `POST
+/v1/adapters/merge` (JSON) merges adapters the caller owns into a new one it owns. The vLLM-compatible
 `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are admin-only. Tenancy rules live in the
 catalog, not here.
 """
@@ -14,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from loraplex.api.auth import caller
-from loraplex.api.schemas import LoadLoraRequest, UnloadLoraRequest
+from loraplex.api.schemas import LoadLoraRequest, MergeRequest, UnloadLoraRequest
 from loraplex.api.services import Services, services
 from loraplex.errors import AdapterTooLarge, RequestInvalid
 from loraplex.tenancy import Principal
@@ -94,6 +95,15 @@ async def upload_adapter(request: Request, svc: Services = Depends(services), pr
     record, replaced = await run_in_threadpool(
         svc.catalog.upload, name, config, weights, principal, template, overwrite, shared
     )
+    return JSONResponse(record.describe(), status_code=200 if replaced else 201)
+
+
+@router.post("/v1/adapters/merge")
+async def merge_adapters(body: MergeRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)):
+    record, replaced = await run_in_threadpool(
+        svc.catalog.merge, body.name, body.adapters, body.weights, body.method, principal,
+        body.density, body.rank, body.seed, body.overwrite,
+    )  # fmt: skip
     return JSONResponse(record.describe(), status_code=200 if replaced else 201)
 
 

@@ -130,6 +130,19 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class MergeRequest(_Strict):
+    """`POST /v1/adapters/merge`: combine the caller's adapters into a new one (see merging.py)."""
+
+    name: str
+    adapters: Annotated[list[str], Field(min_length=2, max_length=16)]
+    weights: list[float]
+    method: str
+    density: float | None = None
+    rank: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+    overwrite: bool = False
+
+
 class LoadLoraRequest(_Strict):
     """vLLM's `POST /v1/load_lora_adapter`."""
 

@@ -8,6 +8,7 @@ anything is written); and vLLM-style loading from a path inside the allowed root
 its business: it raises typed errors and the API layer maps them.
 """
 
+import json
 import logging
 import threading
 import time
@@ -15,8 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import save as save_safetensors
+
 from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterExists, AdapterNotFound, AdapterTooLarge, Forbidden, RequestInvalid
+from loraplex.merging import merge_adapters
 from loraplex.registry.adapter import LoraAdapter, parse_config, parse_weights, read_adapter_dir
 from loraplex.registry.store import AdapterStore, check_name, read_chat_template
 from loraplex.tenancy import Principal
@@ -184,6 +188,38 @@ class AdapterCatalog:
             self._records[name] = record
         self._on_registered("upload", time.perf_counter() - started)
         return record, previous is not None
+
+    def merge(
+        self,
+        name: str,
+        sources: list[str],
+        weights: list[float],
+        method: str,
+        principal: Principal,
+        density: float | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        overwrite: bool = False,
+    ) -> tuple[AdapterRecord, bool]:
+        """Merge adapters into a new stored one owned by the caller (see merging.py).
+
+        A tenant may merge only adapters it owns; admins may merge any. The result is validated,
+        stored and served exactly like an upload.
+
+        Raises:
+            AdapterNotFound: a source is missing or another tenant's.
+            Forbidden: a non-admin named a shared adapter.
+            RequestInvalid / AdapterInvalid: the merge itself is impossible (see `merge_adapters`).
+        """
+        read = []
+        for source in sources:
+            record = self.get(source, principal)
+            if not principal.is_admin and record.owner != principal.tenant:
+                raise Forbidden(f"adapter {source!r} is shared; tenants may merge only their own adapters")
+            read.append(read_adapter_dir(record.path))
+        config, tensors = merge_adapters(read, weights, method, self._engine.module_shapes, density, rank, seed)
+        config_bytes = json.dumps(config, indent=2).encode()
+        return self.upload(name, config_bytes, save_safetensors(tensors), principal, overwrite=overwrite)
 
     def delete(self, name: str, principal: Principal) -> AdapterRecord:
         """Stop offering `name` and remove it from the store; running requests finish on it."""
