@@ -138,6 +138,7 @@ V1_ROUTES = [
     ("GET", "/v1/adapters/{name}", {}),
     ("DELETE", "/v1/adapters/{name}", {}),
     ("POST", "/v1/adapters", {"files": {"config": ("adapter_config.json", b"{}")}, "data": {"name": "anon"}}),
+    ("POST", "/v1/adapters/merge", {"json": {"name": "anon", "adapters": ["{name}", "{name}"], "weights": [1, 1], "method": "cat"}}),
     ("POST", "/v1/completions", {"json": {"model": BASE, "prompt": PROMPT, "max_tokens": 1}}),
     ("POST", "/v1/chat/completions", {"json": {"model": BASE, "messages": [{"role": "user", "content": "hi"}]}}),
     ("POST", "/v1/load_lora_adapter", {"json": {"lora_name": "anon", "lora_path": "/nowhere"}}),
