@@ -186,6 +186,9 @@ def serve(
     merge_adapter: Annotated[
         str | None, _option("Serve this store adapter merged into the base, under its name, with LoRA off.", "MERGE_ADAPTER")
     ] = None,
+    metrics_compat: Annotated[
+        str, _option("none, or vllm to also export vLLM's metric names (for the Inference Gateway).", "METRICS_COMPAT")
+    ] = "none",
 ) -> None:
     """Serve the OpenAI-compatible API, adapter management and metrics over HTTP."""
     from pydantic import ValidationError
@@ -224,6 +227,7 @@ def serve(
             lora_roots=tuple(lora_roots or ()),
             drain_timeout=drain_timeout,
             merge_adapter=merge_adapter,
+            metrics_compat=metrics_compat,
         )
         svc, problems = build_services(config)
     except (LoraplexError, ValueError, ValidationError) as exc:

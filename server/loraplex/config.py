@@ -83,6 +83,8 @@ class ServerConfig(BaseModel):
         retry_after: seconds a 429 or 503 tells the client to wait.
         merge_adapter: serve this store adapter merged into the base, under the adapter's name,
             with the LoRA path off; the store is not served.
+        metrics_compat: `vllm` also exports vLLM's metric names for queue depth, KV-cache use and
+            adapters in use, for routers written for vLLM (the Inference Gateway's endpoint picker).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -98,6 +100,7 @@ class ServerConfig(BaseModel):
     drain_timeout: float = Field(default=30.0, ge=0)
     retry_after: int = Field(default=1, ge=0)
     merge_adapter: str | None = None
+    metrics_compat: Literal["none", "vllm"] = "none"
 
     @property
     def model_name(self) -> str:

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from loraplex.engine.request import FinishReason, Request
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
+from loraplex.metrics_vllm import VllmCompatCollector
 
 # Statuses of requests the HTTP layer refuses before they reach the engine.
 REJECTED = "rejected"  # the queue is full or the server is draining
@@ -106,9 +107,13 @@ class Metrics(EngineObserver):
 
     Args:
         snapshot: returns the engine's latest `EngineSnapshot`; read once per scrape.
+        compat: `vllm` also exports vLLM's names for the engine's state (see metrics_vllm.py).
+        model_name: the served base model's name, for vLLM's `model_name` label.
     """
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]):
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], compat: str = "none", model_name: str = ""):
+        if compat not in ("none", "vllm"):
+            raise ValueError(f"compat must be none or vllm, got {compat!r}")
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "loraplex_requests",
@@ -176,6 +181,8 @@ class Metrics(EngineObserver):
         for source in ADAPTER_SOURCES:
             self.adapter_register_seconds.labels(source=source)
         self.registry.register(EngineSnapshotCollector(snapshot))
+        if compat == "vllm":
+            self.registry.register(VllmCompatCollector(snapshot, model_name))
 
     # ----- engine callbacks (engine thread) -----------------------------------------------------
 

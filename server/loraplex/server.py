@@ -34,7 +34,7 @@ def build_services(config: ServerConfig) -> tuple[Services, list[tuple[str, str]
     """
     keys = ApiKeys.load(config.api_keys) if config.api_keys is not None else ApiKeys.open()
     engine = merged_engine(config) if config.merge_adapter is not None else Engine(config.engine)
-    metrics = Metrics(lambda: engine.snapshot)
+    metrics = Metrics(lambda: engine.snapshot, config.metrics_compat, config.model_name)
     engine.observer = metrics
     store = AdapterStore(config.adapters)
     catalog = AdapterCatalog(
