@@ -103,10 +103,13 @@ def _histogram_line(name: str, buckets: list[tuple[float, float]]) -> str:
     return f"| {name} | {count} | {_ms(p50)} | {_ms(p99)} |"
 
 
+def quantile(values: list[float], q: float) -> float | None:
+    return float(np.quantile(values, q)) if values else None
+
+
 def _adapter_latency(results: SuiteResults) -> list[str]:
     register = [seconds for seconds, _ in results.cold_client]
     first_token = [seconds for _, seconds in results.cold_client]
-    quantile = lambda values, q: float(np.quantile(values, q)) if values else None  # noqa: E731
     return [
         "| measurement | count | p50 (ms) | p99 (ms) |",
         "|---|---|---|---|",

@@ -23,7 +23,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -125,8 +125,7 @@ def measure(config: SuiteConfig, url: str, label: str, workload: TraceConfig, re
 
 def warm_up(config: SuiteConfig, url: str) -> None:
     """First calls pay for allocator growth and lazy initialisation; keep them out of the figures."""
-    workload = trace(config, 8, 0.0, 2 * config.concurrency)
-    workload = TraceConfig(**{**workload.__dict__, "output_len": (4, 8), "seed": config.seed + 99})
+    workload = replace(trace(config, 8, 0.0, 2 * config.concurrency), output_len=(4, 8), seed=config.seed + 99)
     execute(LoadRun("warm-up", workload, ClientConfig(url), config.concurrency, config.max_seconds, quiet=True))
 
 

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny checkpoints and adapters on disk, and PEFT as the reference to match."""
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,16 @@ ADAPTER_SPECS = {
         alpha_pattern={"o_proj": 3},
     ),
 }
+
+
+def require_promtool() -> str:
+    """promtool's path; skips without it, unless LORAPLEX_REQUIRE_PROMTOOL=1 (CI), which fails."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("LORAPLEX_REQUIRE_PROMTOOL") == "1":
+            pytest.fail("promtool is not on PATH, and LORAPLEX_REQUIRE_PROMTOOL=1 requires it")
+        pytest.skip("promtool is not on PATH (install the prometheus package to run this check)")
+    return promtool
 
 
 # Every metric the server must expose, as the spec names them (the exposition is checked against it).

@@ -9,8 +9,6 @@ wait is bounded by a deadline.
 """
 
 import json
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import METRIC_NAMES
+from conftest import METRIC_NAMES, require_promtool
 from live_server import LiveServer, server_config, upload
 
 BASE = "tiny-base"
@@ -368,11 +366,7 @@ def test_lora_requests_info_is_one_series_labelled_with_max_loras(traffic):
 
 
 def test_live_exposition_passes_promtool(traffic):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("LORAPLEX_REQUIRE_PROMTOOL") == "1":
-            pytest.fail("promtool is not on PATH, and LORAPLEX_REQUIRE_PROMTOOL=1 requires it")
-        pytest.skip("promtool is not on PATH (install the prometheus package to run this check)")
+    promtool = require_promtool()
     _, _, _, text = traffic
 
     result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60, check=False)

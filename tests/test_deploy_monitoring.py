@@ -5,9 +5,7 @@ exports, the dashboard covers each topic the operators asked for, and the Docker
 image needs."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import require_promtool
 from live_server import LiveServer, server_config, upload
 from loraplex.config import ServerConfig
 
@@ -35,16 +34,6 @@ GRID_WIDTH = 24
 METRIC = re.compile(r"\bloraplex_[a-z0-9_]+")
 # Grafana's variables, as Prometheus would see them once Grafana has substituted them.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s", "$instance": ".*"}
-
-
-def require_promtool() -> str:
-    """promtool's path; skips without it, unless LORAPLEX_REQUIRE_PROMTOOL=1 (CI), which fails."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("LORAPLEX_REQUIRE_PROMTOOL") == "1":
-            pytest.fail("promtool is not on PATH, and LORAPLEX_REQUIRE_PROMTOOL=1 requires it")
-        pytest.skip("promtool is not on PATH (install the prometheus package to run this check)")
-    return promtool
 
 
 def run_promtool(*args: str) -> None:

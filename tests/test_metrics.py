@@ -1,15 +1,13 @@
 """The /metrics exposition: each callback moves its series, the snapshot is mirrored at scrape time,
 every metric is there from the start, instances stay apart, and promtool accepts the result."""
 
-import os
-import shutil
 import subprocess
 
 import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import METRIC_NAMES
+from conftest import METRIC_NAMES, require_promtool
 from loraplex.engine.request import FinishReason, Request, SamplingParams
 from loraplex.engine.stats import EngineSnapshot
 from loraplex.metrics import INVALID, REJECTED, Metrics
@@ -303,11 +301,7 @@ def test_nothing_is_registered_in_the_global_registry():
 
 
 def test_exposition_passes_promtool():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("LORAPLEX_REQUIRE_PROMTOOL") == "1":
-            pytest.fail("promtool is not on PATH, and LORAPLEX_REQUIRE_PROMTOOL=1 requires it")
-        pytest.skip("promtool is not on PATH (install the prometheus package to run this check)")
+    promtool = require_promtool()
 
     body, _ = exercised_metrics().render()
     result = subprocess.run(

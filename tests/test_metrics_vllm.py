@@ -4,14 +4,13 @@ The Inference Gateway's endpoint picker (and anything else written for vLLM) rea
 must carry vLLM's semantics and agree with loraplex's own gauges at every scrape.
 """
 
-import os
-import shutil
 import subprocess
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import require_promtool
 from live_server import LiveServer, server_config
 from loraplex.metrics import Metrics
 from test_metrics import BUSY, families, value
@@ -45,11 +44,7 @@ def test_an_unknown_compat_mode_is_refused():
 
 def test_the_compat_exposition_only_lints_for_vllms_colons():
     """promtool's linter dislikes ':' in names, which are vLLM's; nothing else may be flagged."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("LORAPLEX_REQUIRE_PROMTOOL") == "1":
-            pytest.fail("promtool is not on PATH, and LORAPLEX_REQUIRE_PROMTOOL=1 requires it")
-        pytest.skip("promtool is not on PATH (install the prometheus package to run this check)")
+    promtool = require_promtool()
     text = Metrics(lambda: BUSY, "vllm", "demo").render()[0]
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60, check=False)
     problems = [line for line in (result.stdout + result.stderr).decode().splitlines() if line.strip()]

@@ -17,15 +17,12 @@ from collections.abc import AsyncIterator
 
 from deploy.ray.bridge import HttpCall, call_asgi
 from loraplex.api.app import create_app
-from loraplex.api.auth import ApiKeys
 from loraplex.api.errors import error_body, status_of
-from loraplex.api.services import Services
 from loraplex.config import ServerConfig
-from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterNotFound, LoraplexError
-from loraplex.metrics import Metrics
 from loraplex.registry.catalog import AdapterCatalog
-from loraplex.registry.store import AdapterStore, check_name
+from loraplex.registry.store import check_name
+from loraplex.server import build_services
 from loraplex.tenancy import DEFAULT_TENANT, Principal
 from ray import serve
 
@@ -72,17 +69,6 @@ class RegisteredAdapter:
             pass
 
 
-def replica_services(config: ServerConfig) -> Services:
-    """loraplex's services as `build_services` makes them, but with no adapter registered yet."""
-    engine = Engine(config.engine)
-    metrics = Metrics(lambda: engine.snapshot, config.metrics_compat, config.model_name)
-    engine.observer = metrics
-    catalog = AdapterCatalog(
-        engine, AdapterStore(config.adapters), {config.model_name}, config.max_adapter_bytes, (config.adapters,), metrics.adapter_registered
-    )
-    return Services(config, engine, catalog, ApiKeys.open(), metrics)
-
-
 class LoraplexReplica:
     """A Ray Serve deployment class: `answer` answers one `HttpCall` with loraplex's app.
 
@@ -93,7 +79,7 @@ class LoraplexReplica:
 
     def __init__(self, config: ServerConfig):
         self._config = config
-        self._services = replica_services(config)
+        self._services, _ = build_services(config, load_store=False)
         self._app = create_app(self._services)
         self._services.engine.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,20 +134,21 @@ def load_export_adapter(adapter_dir: Path, modules: dict[str, ModuleShape]) -> L
     return build_adapter(adapter_dir.name, config, tensors, modules, max_rank=1 << 16, dtype=torch.float32)
 
 
-def write_merged(model_dir: Path, adapter: LoraAdapter, out_dir: Path, dtype: torch.dtype | None, max_shard_bytes: int) -> ExportReport:
-    """Stream the checkpoint tensor by tensor into `out_dir`, merging the adapter's targets."""
-    shapes = tensor_shapes(weight_files(model_dir))
+def write_merged(
+    model_dir: Path, shapes: dict, adapter: LoraAdapter, out_dir: Path, dtype: torch.dtype | None, max_shard_bytes: int
+) -> ExportReport:
+    """Stream the checkpoint (whose `tensor_shapes` are given) tensor by tensor into `out_dir`, merging the adapter's targets."""
     shards = plan_shards(shapes, dtype, max_shard_bytes)
     count = len(shards)
     names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     weight_map, merged, written = {}, 0, 0
-    with Progress(transient=True) as progress:
+    with Progress(transient=True) as progress, ExitStack() as files:
+        readers = {path: files.enter_context(safe_open(path, framework="pt")) for _, _, path in shapes.values()}
         task = progress.add_task("merging", total=len(shapes))
         for name, keys in zip(names, shards, strict=True):
             tensors = {}
             for key in keys:
-                with safe_open(shapes[key][2], framework="pt") as reader:
-                    tensor = reader.get_tensor(key)
+                tensor = readers[shapes[key][2]].get_tensor(key)
                 weights = adapter.modules.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
                 target = dtype if dtype is not None else tensor.dtype
                 if weights is not None:
@@ -218,13 +220,14 @@ def export_merged(
         raise ModelLoadError(f"{model_dir} is already quantized; export merges into the original full-precision checkpoint")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ModelLoadError(f"{out_dir} is not empty; export writes into a new directory")
-    adapter = load_export_adapter(adapter_dir, module_shapes(tensor_shapes(weight_files(model_dir))))
+    shapes = tensor_shapes(weight_files(model_dir))
+    adapter = load_export_adapter(adapter_dir, module_shapes(shapes))
     out_dir.mkdir(parents=True, exist_ok=True)
     target = DTYPES.get(dtype)
     if quantize == "none":
-        return write_merged(model_dir, adapter, out_dir, target, max_shard_bytes)
+        return write_merged(model_dir, shapes, adapter, out_dir, target, max_shard_bytes)
     with tempfile.TemporaryDirectory(prefix="loraplex-export-") as staging:
-        report = write_merged(model_dir, adapter, Path(staging), target, max_shard_bytes)
+        report = write_merged(model_dir, shapes, adapter, Path(staging), target, max_shard_bytes)
         quantize_checkpoint(Path(staging), out_dir, quantize)
     files = list(out_dir.glob("*.safetensors"))
     return ExportReport(out_dir, report.merged_modules, len(files), sum(path.stat().st_size for path in files))

@@ -26,8 +26,13 @@ from loraplex.registry.catalog import AdapterCatalog
 from loraplex.registry.store import AdapterStore, check_name
 
 
-def build_services(config: ServerConfig) -> tuple[Services, list[tuple[str, str]]]:
+def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Services, list[tuple[str, str]]]:
     """Load the base model and the adapter store.
+
+    Args:
+        config: the server's configuration.
+        load_store: register every stored adapter now; False starts with none registered (the
+            Ray replicas register adapters as Ray's multiplexing asks for them).
 
     Returns:
         The services, and (name, problem) for each stored adapter that could not be served.
@@ -40,7 +45,7 @@ def build_services(config: ServerConfig) -> tuple[Services, list[tuple[str, str]
     catalog = AdapterCatalog(
         engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots, metrics.adapter_registered
     )
-    problems = catalog.load_store() if config.engine.enable_lora and config.merge_adapter is None else []
+    problems = catalog.load_store() if load_store and engine.config.enable_lora else []
     return Services(config, engine, catalog, keys, metrics), problems
 
 
