@@ -1,7 +1,9 @@
 """Configuration: one object per layer, built once, passed explicitly.
 
 Owns: `EngineConfig` (every tunable of the base model, the LoRA slots, the KV cache and the
-scheduler) and `ServerConfig` (the HTTP server around an engine), with their defaults and bounds.
+scheduler) and `ServerConfig` (the HTTP server around an engine): each field's default, bounds
+and one-line description, written here once. The `loraplex serve` flags, `loraplex plan` and the
+Ray app are derived from these fields (see cli_options.py), so a default never has a second home.
 It must not read flags or the environment itself; the CLI does that.
 """
 
@@ -10,48 +12,51 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MIB = 1 << 20
+
 
 class EngineConfig(BaseModel):
-    """Everything the engine needs to load the base model and run steps.
-
-    Args:
-        model: a local Hugging Face checkpoint directory (config, safetensors weights, tokenizer).
-        dtype: weight and activation dtype; `auto` takes bfloat16 on CUDA and float32 on CPU.
-        device: `auto` takes CUDA when available.
-        quantize: bitsandbytes quantization of the base linears; adapters stay in `dtype`.
-        max_loras: device slots, i.e. distinct adapters one step may mix.
-        max_lora_rank: the slot stacks' rank; a larger adapter is refused.
-        max_num_seqs: cap on sequences running in one step.
-        max_num_batched_tokens: token budget of one step (decodes first, then prefill chunks).
-        max_model_len: prompt plus generated tokens of one sequence.
-        block_size: tokens per KV-cache block.
-        num_kv_blocks: KV-cache blocks; by default enough for `max_num_seqs` full-length sequences.
-        logprobs_mode: what per-token logprobs carry; `raw_logits` exposes the logits themselves.
-        max_slot_bypass: how many later adapter requests may be admitted ahead of one that waits
-            for a slot before admission becomes strictly first-come (no starvation).
-        max_queue: requests that may wait for admission; past it `add_request` raises `QueueFull`.
-            None means unbounded.
-        enable_lora: False serves the model as it is: no LoRA wrappers, no per-step LoRA cost, and
-            adapters are refused (a server of one merged adapter).
-    """
+    """Everything the engine needs to load the base model and run steps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    quantize: Literal["none", "nf4", "int8"] = "none"
-    max_loras: int = Field(default=8, ge=1, le=4096)
-    max_lora_rank: int = Field(default=64, ge=1, le=1024)
-    max_num_seqs: int = Field(default=32, ge=1)
-    max_num_batched_tokens: int = Field(default=512, ge=16)
-    max_model_len: int | None = Field(default=None, ge=2)
-    block_size: int = Field(default=16, ge=1)
-    num_kv_blocks: int | None = Field(default=None, ge=1)
-    logprobs_mode: Literal["raw_logprobs", "raw_logits"] = "raw_logprobs"
-    max_slot_bypass: int | None = Field(default=None, ge=0)
-    max_queue: int | None = Field(default=None, ge=0)
-    enable_lora: bool = True
+    model: str = Field(description="Hugging Face checkpoint directory of the base model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weight and activation dtype; auto is bfloat16 on CUDA and float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto takes CUDA when present.")
+    quantize: Literal["none", "nf4", "int8"] = Field(
+        default="none", description="bitsandbytes quantization of the base linears; adapters stay in dtype."
+    )
+    max_loras: int = Field(default=8, ge=1, le=4096, description="Device slots: distinct adapters one step may mix.")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Rank of the slot stacks; larger adapters are refused.")
+    max_num_seqs: int = Field(default=32, ge=1, le=4096, description="Sequences running in one step at most.")
+    max_num_batched_tokens: int = Field(
+        default=512, ge=16, le=1 << 20, description="Token budget of one step; longer prompts are prefilled in chunks."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=2, le=1 << 20,
+        description="Prompt plus generated tokens of one sequence (default: the model's, at most 4096).",
+    )  # fmt: skip
+    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(
+        default=None, ge=1, le=1 << 24,
+        description="KV-cache blocks (default: enough for max_num_seqs sequences of max_model_len).",
+    )  # fmt: skip
+    logprobs_mode: Literal["raw_logprobs", "raw_logits"] = Field(
+        default="raw_logprobs", description="What per-token logprobs carry; raw_logits returns the logits themselves."
+    )
+    max_slot_bypass: int | None = Field(
+        default=None, ge=0, le=1 << 20,
+        description="How often later requests may pass one waiting for a slot (default: max_num_seqs).",
+    )  # fmt: skip
+    max_queue: int | None = Field(
+        default=256, ge=1, le=1 << 20,
+        description="Requests waiting for admission at most; past it, 429. None (Python only) is unbounded.",
+    )  # fmt: skip
+    enable_lora: bool = Field(
+        default=True, description="False serves the model as it is: no LoRA wrappers or slots, adapters refused."
+    )
 
     def model_len(self, max_position_embeddings: int | None) -> int:
         """Tokens per sequence: `max_model_len`, else the model's positions, at most 4096."""
@@ -69,38 +74,45 @@ class EngineConfig(BaseModel):
 
 
 class ServerConfig(BaseModel):
-    """The HTTP server: where it listens, where adapters live, who may call it.
-
-    Args:
-        engine: the engine it owns.
-        served_model_name: the id of the base model in the API; the model directory's name by default.
-        adapters: the adapter store directory (created when missing).
-        host / port: where to listen.
-        max_adapter_bytes: the largest adapter upload accepted, in bytes.
-        api_keys: a TOML file of keys, tenants and roles; None leaves the server open.
-        lora_roots: directories `POST /v1/load_lora_adapter` may read from; the store by default.
-        drain_timeout: seconds SIGTERM waits for running requests before exiting.
-        retry_after: seconds a 429 or 503 tells the client to wait.
-        merge_adapter: serve this store adapter merged into the base, under the adapter's name,
-            with the LoRA path off; the store is not served.
-        metrics_compat: `vllm` also exports vLLM's metric names for queue depth, KV-cache use and
-            adapters in use, for routers written for vLLM (the Inference Gateway's endpoint picker).
-    """
+    """The HTTP server around one engine: where it listens, where adapters live, who may call it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: EngineConfig
-    served_model_name: str | None = None
-    adapters: Path = Path("adapters")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_adapter_bytes: int = Field(default=1 << 30, ge=1)
-    api_keys: Path | None = None
-    lora_roots: tuple[Path, ...] = ()
-    drain_timeout: float = Field(default=30.0, ge=0)
-    retry_after: int = Field(default=1, ge=0)
-    merge_adapter: str | None = None
-    metrics_compat: Literal["none", "vllm"] = "none"
+    served_model_name: str | None = Field(
+        default=None, description="The base model's id in the API (default: the model directory's name)."
+    )
+    adapters: Path = Field(default=Path("adapters"), description="Adapter store directory (created when missing).")
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    max_adapter_bytes: int = Field(
+        default=1 << 30, ge=1, le=1 << 40, description="Largest adapter weights file accepted (uploads and paths), in bytes."
+    )
+    max_request_bytes: int = Field(
+        default=16 * MIB, ge=1024, le=1 << 32,
+        description="Largest JSON request body, in bytes; checked before the body is read.",
+    )  # fmt: skip
+    api_keys: Path | None = Field(default=None, description="TOML file of API keys, tenants and roles (default: open).")
+    lora_roots: tuple[Path, ...] = Field(
+        default=(), description="Directories /v1/load_lora_adapter may read (default: the store)."
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, le=3600, description="Seconds SIGTERM waits for running requests before cutting them."
+    )
+    retry_after: int = Field(default=1, ge=0, le=3600, description="Seconds a 429 or 503 tells the client to wait.")
+    merge_adapter: str | None = Field(
+        default=None, description="Serve this store adapter merged into the base, under its name, with LoRA off."
+    )
+    metrics_compat: Literal["none", "vllm"] = Field(
+        default="none", description="vllm also exports vLLM's metric names (for the Inference Gateway)."
+    )
+    metrics_auth: Literal["open", "key"] = Field(
+        default="open",
+        description="key: GET /metrics needs an admin or metrics key (it shows tenant and adapter names).",
+    )
+    chat_template_timeout: float = Field(
+        default=2.0, gt=0, le=60, description="Seconds one chat template may take to render before a 400."
+    )
 
     @property
     def model_name(self) -> str:
@@ -109,3 +121,9 @@ class ServerConfig(BaseModel):
     @property
     def allowed_lora_roots(self) -> tuple[Path, ...]:
         return self.lora_roots or (self.adapters,)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServerConfig":
+        if self.metrics_auth == "key" and self.api_keys is None:
+            raise ValueError("--metrics-auth key needs an --api-keys file to check keys against")
+        return self

@@ -158,8 +158,13 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         sink: Sink | None = None,
+        *,
+        bounded: bool = True,
     ) -> str:
-        """Queue a request; its events go to `sink` from the engine's thread. Returns its id."""
+        """Queue a request; its events go to `sink` from the engine's thread. Returns its id.
+
+        `bounded` False skips the `max_queue` bound (`generate`, which runs the steps itself).
+        """
         params = params or SamplingParams()
         prompt_ids = [int(t) for t in prompt_ids]
         vocab = self.base.model.config.vocab_size
@@ -177,7 +182,7 @@ class Engine:
             if adapter not in self.adapters:
                 raise AdapterNotFound(f"adapter {adapter!r} is not loaded")
             adapter = self.adapters[adapter]
-        self._reserve_queue_place()
+        self._reserve_queue_place(bounded)
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.base.device)
@@ -189,9 +194,9 @@ class Engine:
         self._send("add", _Live(request, detokenizer, sink or (lambda event: None)))
         return request.request_id
 
-    def _reserve_queue_place(self) -> None:
+    def _reserve_queue_place(self, bounded: bool) -> None:
         with self._queued_lock:
-            if self.config.max_queue is not None and self._queued >= self.config.max_queue:
+            if bounded and self.config.max_queue is not None and self._queued >= self.config.max_queue:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
             self._queued += 1
 
@@ -239,7 +244,7 @@ class Engine:
         ids = []
         for prompt, adapter, request_params in zip(prompts, adapters, params, strict=True):
             events: list[TokenEvent] = []
-            request_id = self.add_request(prompt, adapter, request_params, sink=events.append)
+            request_id = self.add_request(prompt, adapter, request_params, sink=events.append, bounded=False)
             collected[request_id] = events
             ids.append(request_id)
         self._drain_inbox()
