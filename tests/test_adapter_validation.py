@@ -56,7 +56,7 @@ def test_a_valid_adapter_loads_with_its_metadata(engine, good):
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
         ({"bias": "all"}, "bias='all'"),
-        ({"r": 0}, "r must be a positive number"),
+        ({"r": 0}, "r must be a positive integer"),
         ({"r": 4}, "lora_A has shape [8, 64], expected [4, 64]"),
     ],
 )

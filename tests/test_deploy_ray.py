@@ -2,6 +2,7 @@
 
 Two CPU replicas of the tiny llama, each holding one adapter (`max_loras=1`), behind the router on
 a local Ray cluster bound to 127.0.0.1. Every response names the replica that served it.
+The app's settings are the configs' fields, with the configs' defaults (no cluster needed).
 Skipped when `ray[serve]` is not installed (`pip install -e '.[ray]'`).
 """
 
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from live_server import LiveServer, server_config
+from loraplex.config import EngineConfig, ServerConfig
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from deploy.ray.app import build_app  # noqa: E402
+from deploy.ray.app import RayAppArgs, build_app  # noqa: E402
 from deploy.ray.replica import REPLICA_HEADER  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -76,6 +79,35 @@ def ray_app(llama, store):
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = pythonpath
+
+
+def test_model_and_adapters_alone_give_the_replicas_the_configs_defaults(tmp_path):
+    config = RayAppArgs.model_validate({"model": "/models/base", "adapters": str(tmp_path)}).server_config()
+    assert config.engine == EngineConfig(model="/models/base")  # max_queue=256 among them
+    assert config == ServerConfig(engine=config.engine, adapters=tmp_path.resolve())
+
+
+def test_settings_given_as_strings_are_converted_by_the_configs(tmp_path):
+    args = {"model": "/m", "adapters": "store", "max_loras": "1", "max_model_len": "256", "dtype": "float32",
+            "max_queue": "7", "chat_template_timeout": "3.5", "replica_cpus": "0.5"}  # fmt: skip
+    settings = RayAppArgs.model_validate(args)
+    config = settings.server_config()
+    assert config.engine == EngineConfig(model="/m", max_loras=1, max_model_len=256, dtype="float32", max_queue=7)
+    assert (config.chat_template_timeout, config.adapters, settings.replica_cpus) == (3.5, Path("store").resolve(), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"port": "9000"}, "port is not a Ray app setting: Ray's proxy listens"),
+        ({"api_keys": "keys.toml"}, "api_keys is not a Ray app setting"),
+        ({"max_lora": "2"}, "unknown setting max_lora"),
+        ({"max_loras": "0"}, "greater than or equal to 1"),
+    ],
+)
+def test_settings_the_replicas_cannot_take_are_refused(setting, message):
+    with pytest.raises(ValidationError, match=message):
+        RayAppArgs.model_validate({"model": "/m", "adapters": "store", **setting}).server_config()
 
 
 def complete(client: httpx.Client, model: str, **fields) -> httpx.Response:

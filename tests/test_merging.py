@@ -268,9 +268,9 @@ REFUSALS = [
     ("linear", ["a", "c"], [1.0, 1.0], {}, None, RequestInvalid, "adapters", "equal rank, got ranks [8, 4]; merge"),
     ("dare_ties", ["c", "b"], [1.0, 1.0], {"density": 0.5}, None, RequestInvalid, "adapters", "with 'cat' (exact, rank 12) or 'svd'"),
     ("ties", ["a", "pat"], [1.0, 1.0], {"density": 0.5}, None, RequestInvalid, "adapters", "at rank 4 (its rank_pattern"),
-    ("cat", ["a", "b"], [1.0, 1.0], {}, spoil(1, target_modules="q_proj"), RequestInvalid, "adapters", "regex string"),
-    ("cat", ["a", "b"], [1.0, 1.0], {}, spoil(0, layers_to_transform=[0]), RequestInvalid, "adapters", "layers_to_transform"),
-    ("dare_linear", ["a", "b"], [1.0, 1.0], {"density": 0.5}, spoil(0, init_lora_weights="pissa"), RequestInvalid, "adapters", "'pissa'"),
+    ("cat", ["a", "b"], [1.0, 1.0], {}, spoil(1, target_modules=r".*\.(q_proj|v_proj|gate_proj|up_proj|down_proj)"), RequestInvalid, "adapters", "regex string"),
+    ("cat", ["a", "b"], [1.0, 1.0], {}, spoil(0, layers_to_transform=[0, 1]), RequestInvalid, "adapters", "layers_to_transform"),
+    ("dare_linear", ["a", "b"], [1.0, 1.0], {"density": 0.5}, spoil(0, init_lora_weights="pissa"), AdapterInvalid, "adapters", "'pissa'"),
     ("cat", ["a", "b"], [1.0, 1.0], {}, spoil(1, use_dora=True), AdapterInvalid, "adapters", "adapters[1]: DoRA"),
     ("svd", ["a", "b"], [1.0, 1.0], {}, spoil(1, r=4), AdapterInvalid, "adapters", "adapters[1]: module model.layers.0.mlp"),
 ]

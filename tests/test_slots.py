@@ -113,16 +113,16 @@ CPU = torch.device("cpu")
 
 
 def test_no_lora_batch_when_no_token_uses_an_adapter():
-    assert build_lora_batch([3, 3, 3], {}, 8, torch.float32, CPU) is None
+    assert build_lora_batch([3, 3, 3], {}, 8, CPU) is None
 
 
 def test_strategy_follows_tokens_per_segment_and_slot_range():
-    decode_few = build_lora_batch([0, 1, 2, 3], {0: 4, 1: 4, 2: 4, 3: 4}, 16, torch.float32, CPU)
-    decode_many = build_lora_batch([0, 30], {0: 4, 30: 4}, 16, torch.float32, CPU)
-    prefill = build_lora_batch([0] * 64 + [1] * 64, {0: 4, 1: 8}, 16, torch.float32, CPU)
-    assert decode_few.dense_mask is not None and not decode_few.use_segments
-    assert decode_few.dense_mask.shape == (4, 4 * 16)
-    assert decode_many.dense_mask is None and not decode_many.use_segments
+    decode_few = build_lora_batch([0, 1, 2, 3], {0: 4, 1: 4, 2: 4, 3: 4}, 16, CPU)
+    decode_many = build_lora_batch([0, 30], {0: 4, 30: 4}, 16, CPU)
+    prefill = build_lora_batch([0] * 64 + [1] * 64, {0: 4, 1: 8}, 16, CPU)
+    assert decode_few.dense_other is not None and not decode_few.use_segments
+    assert decode_few.dense_other.shape == (4, 4 * 16)
+    assert decode_many.dense_other is None and not decode_many.use_segments
     assert prefill.use_segments and prefill.rank == 8
 
 
@@ -148,8 +148,8 @@ def test_every_strategy_computes_each_tokens_own_delta(tokens_per_slot, high_slo
     expected = y.clone()
     for t, s in enumerate(slots):
         expected[t] += x[t] @ lora_a[s].T @ lora_b[s]
-    batch = build_lora_batch(slots, {0: 8, 1: 4, high_slot: 8}, rank, torch.float32, CPU)
-    chosen = "segment" if batch.use_segments else "dense" if batch.dense_mask is not None else "gather"
+    batch = build_lora_batch(slots, {0: 8, 1: 4, high_slot: 8}, rank, CPU)
+    chosen = "segment" if batch.use_segments else "dense" if batch.dense_other is not None else "gather"
     assert chosen == strategy
     add_lora_delta(y, x, lora_a, lora_b, batch)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

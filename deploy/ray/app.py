@@ -1,15 +1,16 @@
 """The Ray Serve application: a router in front of `num_replicas` loraplex replicas.
 
-Owns: `RayAppArgs` (what `serve run deploy.ray.app:build_app key=value ...` accepts) and
-`build_app`, which turns them into one loraplex `ServerConfig` per replica and binds the
-deployments. Run it with `serve run deploy.ray.app:build_app model=DIR adapters=DIR` or
-`python -m deploy.ray MODEL ADAPTERS`.
+Owns: `RayAppArgs` (what `serve run deploy.ray.app:build_app key=value ...` accepts: the Ray-only
+settings, and the `EngineConfig` / `ServerConfig` fields a replica honours, whose defaults and
+bounds stay in loraplex.config) and `build_app`, which turns them into one loraplex `ServerConfig`
+per replica and binds the deployments. Run it with `serve run deploy.ray.app:build_app model=DIR
+adapters=DIR` or `python -m deploy.ray MODEL ADAPTERS`.
+It must not restate a config field's default or bounds.
 """
 
-from pathlib import Path
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploy.ray.replica import LoraplexReplica
 from deploy.ray.router import Router
@@ -17,44 +18,56 @@ from loraplex.config import EngineConfig, ServerConfig
 from ray import serve
 from ray.serve import Application
 
+# Config fields a replica cannot honour, and why; every other EngineConfig / ServerConfig field is a setting.
+NOT_RAY_SETTINGS = {
+    "engine": "give its fields (model, max_loras, ...) as settings",
+    "enable_lora": "adapters are what the replicas multiplex",
+    "merge_adapter": "adapters are what the replicas multiplex",
+    "host": "Ray's proxy listens (serve start --http-host)",
+    "port": "Ray's proxy listens (serve start --http-port)",
+    "drain_timeout": "Ray Serve drains replicas itself",
+    "api_keys": "the Ray app has no API keys or tenants",
+    "metrics_auth": "the Ray app has no API keys or tenants",
+    "lora_roots": "adapters are loaded from the store only",
+}
+ENGINE_SETTINGS = tuple(name for name in EngineConfig.model_fields if name not in NOT_RAY_SETTINGS)
+SERVER_SETTINGS = tuple(name for name in ServerConfig.model_fields if name not in NOT_RAY_SETTINGS)
+
 
 class RayAppArgs(BaseModel):
     """The app's settings; `serve run` passes them as strings, pydantic converts them.
 
-    Args:
-        model: the base checkpoint directory, readable on every node.
-        adapters: the adapter store directory (as `loraplex serve --adapters`), readable on every node.
-        served_model_name: the base model's id in the API; the model directory's name by default.
-        num_replicas: loraplex replicas, each with its own engine.
-        max_loras: adapters one replica holds: its engine's device slots and Ray's multiplexed LRU size.
-        replica_cpus / replica_gpus: Ray resources each replica reserves.
-        dtype / device / max_model_len / max_num_seqs: the replicas' engine settings.
+    Besides the Ray-only fields below, every name in `ENGINE_SETTINGS` and `SERVER_SETTINGS` is a
+    setting (`model` is required), validated and defaulted by `EngineConfig` and `ServerConfig`:
+    e.g. `adapters` (the store, as `loraplex serve --adapters`), `served_model_name`, `dtype`,
+    `device`, `max_model_len`, `max_num_seqs`, `max_queue`. `model` and `adapters` must be
+    readable at the same paths on every node; `max_loras` is both each engine's device slots and
+    the size of Ray's multiplexed LRU on each replica.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-    model: str
-    adapters: Path
-    served_model_name: str | None = None
-    num_replicas: int = Field(default=2, ge=1)
-    max_loras: int = Field(default=8, ge=1)
-    replica_cpus: float = Field(default=1.0, ge=0)
-    replica_gpus: float = Field(default=0.0, ge=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_model_len: int | None = Field(default=None, ge=2)
-    max_num_seqs: int = Field(default=32, ge=1)
+    num_replicas: int = Field(default=2, ge=1, description="loraplex replicas, each with its own engine.")
+    replica_cpus: float = Field(default=1.0, ge=0, description="CPUs each replica reserves from Ray.")
+    replica_gpus: float = Field(default=0.0, ge=0, description="GPUs each replica reserves from Ray.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RayAppArgs":
+        for name in self.model_extra:
+            if name in NOT_RAY_SETTINGS:
+                raise ValueError(f"{name} is not a Ray app setting: {NOT_RAY_SETTINGS[name]}")
+            if name not in ENGINE_SETTINGS and name not in SERVER_SETTINGS:
+                raise ValueError(f"unknown setting {name}")
+        return self
 
     def server_config(self) -> ServerConfig:
-        engine = EngineConfig(
-            model=self.model,
-            dtype=self.dtype,
-            device=self.device,
-            max_loras=self.max_loras,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
+        """The config every replica runs with; the store path is made absolute for the replicas' workers."""
+        settings: dict[str, Any] = self.model_extra
+        engine = EngineConfig.model_validate({name: settings[name] for name in ENGINE_SETTINGS if name in settings})
+        config = ServerConfig.model_validate(
+            {"engine": engine, **{name: settings[name] for name in SERVER_SETTINGS if name in settings}}
         )
-        return ServerConfig(engine=engine, served_model_name=self.served_model_name, adapters=self.adapters.resolve())
+        return config.model_copy(update={"adapters": config.adapters.resolve()})
 
 
 def build_app(args: dict) -> Application:

@@ -1,19 +1,35 @@
 """The `loraplex` command line: thin commands over the library.
 
-Owns: argument parsing (every `serve` flag also reads a `LORAPLEX_*` environment variable) and
-printing. Every command builds one config object and calls library functions; no serving logic
-lives here.
+Owns: argument parsing and printing. The options that set a config field (every `serve` flag,
+the engine options of `plan` and `generate`) are derived from `EngineConfig` and `ServerConfig`
+by cli_options.py, so their defaults, bounds and help live in config.py alone; every `serve` flag
+also reads a `LORAPLEX_*` environment variable. Every command builds one config object and calls
+library functions; no serving logic lives here.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from loraplex.cli_options import build_config, field_option, field_options, with_options
+from loraplex.config import EngineConfig, ServerConfig
+
 app = typer.Typer(help="loraplex: many LoRA adapters on one resident base model.", no_args_is_help=True)
 console = Console(stderr=True)
 MAX_NAMES_SHOWN = 20  # adapter names printed at start-up; GET /v1/adapters lists them all
+ENV_PREFIX = "LORAPLEX_"
+ENGINE_PANEL = "Engine (EngineConfig)"
+SERVER_PANEL = "Server (ServerConfig)"
+PLAN_ENGINE_FIELDS = (
+    "quantize", "dtype", "max_loras", "max_lora_rank", "max_model_len", "max_num_seqs", "block_size", "num_kv_blocks",
+)  # fmt: skip
+PLAN_NOTES = {
+    "dtype": "The plan is for a GPU: here auto is bfloat16.",
+    "max_num_seqs": "The plan's KV cache holds this many sequences at full length.",
+}
 
 
 @app.callback()
@@ -22,26 +38,23 @@ def main() -> None:
 
 
 @app.command()
+@with_options(field_options(EngineConfig, ("model", "dtype", "device", "quantize"), panel=ENGINE_PANEL))
 def generate(
-    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint directory of the base model.")],
     prompt: Annotated[str, typer.Option(help="Text to complete.")],
     adapter: Annotated[Path | None, typer.Option(help="PEFT LoRA adapter directory; omit for the base model.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quantize: Annotated[str, typer.Option(help="none, nf4 or int8 (bitsandbytes).")] = "none",
+    **engine_options: Any,
 ) -> None:
     """Print one completion, for a quick look from the shell."""
-    from loraplex.config import EngineConfig
     from loraplex.engine.engine import Engine
     from loraplex.engine.request import SamplingParams
     from loraplex.errors import LoraplexError
 
     try:
-        config = EngineConfig(model=str(model), dtype=dtype, device=device, quantize=quantize, max_loras=1)
+        config = build_config(EngineConfig, {**engine_options, "max_loras": 1})
         engine = Engine(config)
         name = None
         if adapter is not None:
@@ -123,15 +136,11 @@ def merge(
 
 
 @app.command()
+@with_options([field_option(EngineConfig, name, panel=ENGINE_PANEL, note=PLAN_NOTES.get(name, "")) for name in PLAN_ENGINE_FIELDS])
 def plan(
     model: Annotated[str, typer.Option(help="A checkpoint directory or a config.json; only the config is read.")],
-    quantize: Annotated[str, typer.Option(help="none, nf4 or int8 (bitsandbytes).")] = "none",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16, as on a GPU), float32, bfloat16 or float16.")] = "auto",
-    max_loras: Annotated[int, typer.Option(help="Device adapter slots.")] = 8,
-    max_lora_rank: Annotated[int, typer.Option(help="Rank of the slot stacks.")] = 64,
-    max_model_len: Annotated[int | None, typer.Option(help="Tokens per sequence (default: the model's, up to 4096).")] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="Sequences the KV cache holds at full length.")] = 32,
     adapter_rank: Annotated[int, typer.Option(help="Rank of the adapters counted on the host and in training.")] = 16,
+    **engine_options: Any,
 ) -> None:
     """Print the memory a deployment needs, from the model's config alone (no weights are loaded)."""
     from rich.table import Table
@@ -139,10 +148,8 @@ def plan(
     from loraplex.plan import plan_memory
 
     try:
-        memory = plan_memory(
-            model, quantize=quantize, dtype=dtype, max_loras=max_loras, max_lora_rank=max_lora_rank,
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs, adapter_rank=adapter_rank,
-        )  # fmt: skip
+        engine = build_config(EngineConfig, {"model": model, **engine_options})
+        memory = plan_memory(model, adapter_rank=adapter_rank, **engine.model_dump(include=set(PLAN_ENGINE_FIELDS)))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from None
@@ -152,85 +159,52 @@ def plan(
     Console().print(table)
 
 
-def _option(help_text: str, env: str, **kwargs):
-    return typer.Option(help=help_text, envvar=f"LORAPLEX_{env}", show_envvar=True, **kwargs)
+# Every config field is a serve flag but enable_lora (internal: --merge-adapter turns it off) and
+# engine (built from the engine flags); --model has a default of its own, the bundled demo.
+SERVE_ENGINE_FIELDS = tuple(name for name in EngineConfig.model_fields if name not in ("model", "enable_lora"))
+SERVE_SERVER_FIELDS = tuple(name for name in ServerConfig.model_fields if name != "engine")
+SERVE_OPTIONS = [
+    field_option(
+        EngineConfig, "model", env_prefix=ENV_PREFIX, panel=ENGINE_PANEL, default=None, shown_default="the bundled demo"
+    ),
+    *field_options(EngineConfig, SERVE_ENGINE_FIELDS, env_prefix=ENV_PREFIX, panel=ENGINE_PANEL),
+    *field_options(ServerConfig, SERVE_SERVER_FIELDS, env_prefix=ENV_PREFIX, panel=SERVER_PANEL),
+]
+
+
+def serve_config(options: Mapping[str, Any]) -> ServerConfig:
+    """The config `loraplex serve` runs with, from its option values by field name.
+
+    Args:
+        options: a value (None: unset) for `model` and each of `SERVE_ENGINE_FIELDS` and
+            `SERVE_SERVER_FIELDS`; without `model`, the bundled demo base is served.
+
+    Raises:
+        OptionError: for values the configs refuse, naming the flags.
+        ValueError: when the demo is to be served but has not been built.
+    """
+    from loraplex.demo import DEMO_MODEL_DIR
+
+    model = options["model"]
+    if model is None:
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise ValueError("no --model given and the demo model is missing; build it with python -m loraplex.demo.build")
+        model = str(DEMO_MODEL_DIR)
+    engine = build_config(EngineConfig, {"model": model, **{name: options[name] for name in SERVE_ENGINE_FIELDS}})
+    return build_config(ServerConfig, {"engine": engine, **{name: options[name] for name in SERVE_SERVER_FIELDS}})
 
 
 @app.command()
-def serve(
-    model: Annotated[
-        Path | None, _option("Hugging Face checkpoint directory of the base model (default: the bundled demo).", "MODEL")
-    ] = None,
-    served_model_name: Annotated[
-        str | None, _option("The base model's id in the API (default: the directory name).", "SERVED_MODEL_NAME")
-    ] = None,
-    adapters: Annotated[Path, _option("Adapter store directory (created if missing).", "ADAPTERS")] = Path("adapters"),
-    quantize: Annotated[str, _option("none, nf4 or int8 (bitsandbytes).", "QUANTIZE")] = "none",
-    dtype: Annotated[str, _option("auto, float32, bfloat16 or float16.", "DTYPE")] = "auto",
-    device: Annotated[str, _option("auto, cpu or cuda.", "DEVICE")] = "auto",
-    host: Annotated[str, _option("Address to listen on.", "HOST")] = "127.0.0.1",
-    port: Annotated[int, _option("Port to listen on.", "PORT")] = 8000,
-    max_loras: Annotated[int, _option("Device slots: distinct adapters one step may mix.", "MAX_LORAS")] = 8,
-    max_lora_rank: Annotated[int, _option("Largest adapter rank accepted.", "MAX_LORA_RANK")] = 64,
-    max_num_seqs: Annotated[int, _option("Sequences running in one step at most.", "MAX_NUM_SEQS")] = 32,
-    max_model_len: Annotated[
-        int | None, _option("Prompt plus generated tokens of one sequence (default: the model's, up to 4096).", "MAX_MODEL_LEN")
-    ] = None,
-    max_queue: Annotated[int, _option("Requests that may wait; past it, 429.", "MAX_QUEUE")] = 256,
-    max_adapter_bytes: Annotated[int, _option("Largest adapter upload, in bytes.", "MAX_ADAPTER_BYTES")] = 1 << 30,
-    api_keys: Annotated[Path | None, _option("TOML file of API keys, tenants and roles.", "API_KEYS")] = None,
-    lora_roots: Annotated[
-        list[Path] | None, _option("Directories /v1/load_lora_adapter may read (default: the store).", "LORA_ROOTS")
-    ] = None,
-    drain_timeout: Annotated[float, _option("Seconds SIGTERM waits for running requests.", "DRAIN_TIMEOUT")] = 30.0,
-    merge_adapter: Annotated[
-        str | None, _option("Serve this store adapter merged into the base, under its name, with LoRA off.", "MERGE_ADAPTER")
-    ] = None,
-    metrics_compat: Annotated[
-        str, _option("none, or vllm to also export vLLM's metric names (for the Inference Gateway).", "METRICS_COMPAT")
-    ] = "none",
-) -> None:
+@with_options(SERVE_OPTIONS)
+def serve(**options: Any) -> None:
     """Serve the OpenAI-compatible API, adapter management and metrics over HTTP."""
-    from pydantic import ValidationError
-
-    from loraplex.config import EngineConfig, ServerConfig
-    from loraplex.demo import DEMO_MODEL_DIR
     from loraplex.errors import LoraplexError
     from loraplex.server import build_services, run
 
-    if model is None:
-        if not (DEMO_MODEL_DIR / "config.json").is_file():
-            console.print("[red]error:[/red] no --model given and the demo model is missing; build it with "
-                          "python -m loraplex.demo.build")
-            raise typer.Exit(code=2)
-        model = DEMO_MODEL_DIR
     try:
-        engine_config = EngineConfig(
-            model=str(model),
-            dtype=dtype,
-            device=device,
-            quantize=quantize,
-            max_loras=max_loras,
-            max_lora_rank=max_lora_rank,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            max_queue=max_queue,
-        )
-        config = ServerConfig(
-            engine=engine_config,
-            served_model_name=served_model_name,
-            adapters=adapters,
-            host=host,
-            port=port,
-            max_adapter_bytes=max_adapter_bytes,
-            api_keys=api_keys,
-            lora_roots=tuple(lora_roots or ()),
-            drain_timeout=drain_timeout,
-            merge_adapter=merge_adapter,
-            metrics_compat=metrics_compat,
-        )
+        config = serve_config(options)
         svc, problems = build_services(config)
-    except (LoraplexError, ValueError, ValidationError) as exc:
+    except (LoraplexError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from None
     base = svc.engine.base
@@ -249,4 +223,6 @@ def serve(
             "default tenant"
         )
     console.print(f"listening on http://{config.host}:{config.port}")
-    run(svc)
+    status = run(svc)
+    if status:
+        raise typer.Exit(code=status)

@@ -42,6 +42,10 @@ class AdapterTooLarge(LoraplexError):
     """An upload is over the configured size limit."""
 
 
+class RequestTooLarge(LoraplexError):
+    """A request body is over the route's size limit."""
+
+
 class AdapterExists(LoraplexError):
     """An adapter of that name exists and the caller did not ask to overwrite it."""
 
@@ -64,3 +68,7 @@ class Forbidden(LoraplexError):
 
 class EngineFailed(LoraplexError):
     """The engine failed while running a request; not the caller's fault."""
+
+
+class EngineUnavailable(LoraplexError):
+    """The engine loop is not running (it died, or has not started); the server cannot serve."""

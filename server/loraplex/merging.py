@@ -44,6 +44,7 @@ DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
 # peft's `init_lora_weights` values whose draws from the RNG `_replay_injection` reproduces.
 _REPLAYED_INITS = (True, False, "gaussian", "eva")
 _SAME_LAYERS_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+MAX_SEED = (1 << 63) - 1  # torch.Generator seeds are 64-bit
 
 Part = tuple[LoraWeights, float]  # one adapter's pair at a module, and its merge weight
 
@@ -243,8 +244,8 @@ def _check_arguments(count: int, weights, method: str, density, rank, seed) -> N
         raise RequestInvalid(f"rank applies to svd only, not to {method!r}", param="rank")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise RequestInvalid(f"rank must be a positive integer, got {rank!r}", param="rank")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RequestInvalid(f"seed must be an integer, got {seed!r}", param="seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RequestInvalid(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}", param="seed")
 
 
 def _validated(index: int, config: Mapping, tensors: Mapping[str, torch.Tensor], base_modules) -> LoraAdapter:

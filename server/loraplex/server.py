@@ -1,12 +1,13 @@
 """The serving process: build everything from one `ServerConfig`, run it, drain it on SIGTERM.
 
-Owns: assembling `Services` (keys, engine, metrics, adapter store and catalog; or, with
-`merge_adapter`, an engine over one adapter merged into the base, with LoRA off) and running the
-app on uvicorn in this process, with a drain on the first SIGTERM or SIGINT: new `/v1` requests
-get 503 and `/health` turns 503 while running requests finish, for at most `drain_timeout`
-seconds; then the process exits. A second signal exits at once.
+Owns: assembling `Services` (keys, engine, metrics, adapter store and catalog, chat template
+renderer; or, with `merge_adapter`, an engine over one adapter merged into the base, with LoRA
+off) and running the app on uvicorn in this process, with a drain on the first SIGTERM or
+SIGINT: new `/v1` requests get 503 and `/health` turns 503 while running requests finish, for at
+most `drain_timeout` seconds; then the process exits. A second signal exits at once.
 """
 
+import logging
 import tempfile
 import threading
 import time
@@ -16,6 +17,7 @@ import uvicorn
 
 from loraplex.api.app import create_app
 from loraplex.api.auth import ApiKeys
+from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.api.services import Services
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
@@ -24,6 +26,8 @@ from loraplex.export import export_merged
 from loraplex.metrics import Metrics
 from loraplex.registry.catalog import AdapterCatalog
 from loraplex.registry.store import AdapterStore, check_name
+
+log = logging.getLogger(__name__)
 
 
 def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Services, list[tuple[str, str]]]:
@@ -46,7 +50,8 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
         engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots, metrics.adapter_registered
     )
     problems = catalog.load_store() if load_store and engine.config.enable_lora else []
-    return Services(config, engine, catalog, keys, metrics), problems
+    chat_templates = ChatTemplateRenderer(config.chat_template_timeout)
+    return Services(config, engine, catalog, keys, metrics, chat_templates), problems
 
 
 def merged_engine(config: ServerConfig) -> Engine:
@@ -65,8 +70,19 @@ def merged_engine(config: ServerConfig) -> Engine:
         return Engine(config.engine.model_copy(update={"model": merged_dir, "enable_lora": False}))
 
 
+CUT_SECONDS = 0.5  # after the drain timeout: time for cut requests to send their last event
+CLOSE_SECONDS = 0.3  # uvicorn's wait for connections to close once every response has ended
+WATCH_SECONDS = 0.2  # how often the watchdog looks at the engine loop
+
+
 class _DrainingServer(uvicorn.Server):
-    """uvicorn, but the first exit signal drains before it stops."""
+    """uvicorn, but the first exit signal drains before it stops, and a dead engine stops it.
+
+    First signal: `/health` and new `/v1` requests answer 503 while running requests finish, for at
+    most `drain_timeout` seconds; requests still running then are cut (a stream ends with an SSE
+    error event, a plain request gets a 503), and the process exits within about a second more.
+    A second signal exits at once.
+    """
 
     def __init__(self, config: uvicorn.Config, svc: Services):
         super().__init__(config)
@@ -74,26 +90,51 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         if self._svc.draining:
-            super().handle_exit(sig, frame)
+            self.should_exit = self.force_exit = True
             return
         self._svc.draining = True
         threading.Thread(target=self._drain, name="loraplex-drain", daemon=True).start()
 
     def _drain(self) -> None:
-        deadline = time.monotonic() + self._svc.config.drain_timeout
-        while self._svc.in_flight > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        svc = self._svc
+        _wait_for_idle(svc, svc.config.drain_timeout)
+        if svc.in_flight > 0:
+            log.warning("drain timeout: cutting %d running requests", svc.in_flight)
+            svc.engine.abort_all()
+            _wait_for_idle(svc, CUT_SECONDS)
         self.should_exit = True
 
+    def watch_engine(self) -> None:
+        """Stop serving (the process then exits non-zero) if the engine loop dies."""
+        while not self.should_exit:
+            if self._svc.engine.failure is not None:
+                log.error("the engine stopped (%s); shutting down so a supervisor can restart the server", self._svc.engine.failure)
+                self.should_exit = True
+                return
+            time.sleep(WATCH_SECONDS)
 
-def run(svc: Services) -> None:
-    """Serve until a signal has drained the server."""
+
+def _wait_for_idle(svc: Services, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while svc.in_flight > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def run(svc: Services) -> int:
+    """Serve until a signal has drained the server, or the engine died.
+
+    Returns:
+        The process's exit status: 0 after a drain, 1 when the engine loop died.
+    """
     config = svc.config
     uv_config = uvicorn.Config(
         create_app(svc),
         host=config.host,
         port=config.port,
         log_level="info",
-        timeout_graceful_shutdown=2,
+        timeout_graceful_shutdown=CLOSE_SECONDS,
     )
-    _DrainingServer(uv_config, svc).run()
+    server = _DrainingServer(uv_config, svc)
+    threading.Thread(target=server.watch_engine, name="loraplex-watchdog", daemon=True).start()
+    server.run()
+    return 1 if svc.engine.failure is not None else 0

@@ -9,7 +9,7 @@ from typing import Literal
 
 from loraplex.errors import Forbidden
 
-Role = Literal["admin", "tenant"]
+Role = Literal["admin", "tenant", "metrics"]  # metrics: may only read /metrics
 DEFAULT_TENANT = "default"
 
 

@@ -2,8 +2,8 @@
 
 Owns: the HTTP side of adapter management. `POST /v1/adapters` takes multipart form data
 (`name`, `config` = adapter_config.json, `weights` = adapter_model.safetensors, optional
-`chat_template`, `overwrite`, `shared`), reads the body with a hard byte limit before parsing it,
-and hands the files to the catalog, which validates, stores and serves them. `POST
+`chat_template`, `overwrite`, `shared`; each at most once; the body's size is bounded by the
+gate before it is read), and hands the files to the catalog, which validates, stores and serves them. `POST
 /v1/adapters/merge` (JSON) merges adapters the caller owns into a new one it owns. The vLLM-compatible
 `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are admin-only. Tenancy rules live in the
 catalog, not here.
@@ -17,39 +17,12 @@ from starlette.datastructures import UploadFile
 from loraplex.api.auth import caller
 from loraplex.api.schemas import LoadLoraRequest, MergeRequest, UnloadLoraRequest
 from loraplex.api.services import Services, services
-from loraplex.errors import AdapterTooLarge, RequestInvalid
+from loraplex.errors import RequestInvalid
 from loraplex.tenancy import Principal
 
 router = APIRouter()
 
-FORM_OVERHEAD = 1 << 20  # room for the config, the template and multipart framing
 _FIELDS = {"name", "config", "weights", "chat_template", "overwrite", "shared"}
-
-
-async def _bounded_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise AdapterTooLarge(f"the upload is {declared} bytes; the limit is {limit} (--max-adapter-bytes)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise AdapterTooLarge(f"the upload is over the limit of {limit} bytes (--max-adapter-bytes)")
-    return bytes(body)
-
-
-def _replay(request: Request, body: bytes) -> Request:
-    """A request whose body is `body`, already read, so the form parser can read it again."""
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return Request(request.scope, receive)
 
 
 def _flag(form, name: str) -> bool:
@@ -69,18 +42,24 @@ async def _file(form, name: str, required: bool) -> bytes | None:
         return None
     if isinstance(value, UploadFile):
         return await value.read()
-    return value.encode()
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        raise RequestInvalid(f"the form field {name!r} is not valid UTF-8 text", param=name) from None
 
 
 @router.post("/v1/adapters")
 async def upload_adapter(request: Request, svc: Services = Depends(services), principal: Principal = Depends(caller)):
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestInvalid("upload adapters as multipart/form-data with fields name, config and weights")
-    body = await _bounded_body(request, svc.config.max_adapter_bytes + FORM_OVERHEAD)
-    async with _replay(request, body).form(max_files=3, max_fields=8) as form:
-        unknown = set(form.keys()) - _FIELDS
+    async with request.form(max_files=3, max_fields=8) as form:  # the gate bounds the body's size
+        keys = [key for key, _ in form.multi_items()]
+        unknown = set(keys) - _FIELDS
         if unknown:
             raise RequestInvalid(f"unknown form fields: {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise RequestInvalid(f"form fields sent more than once: {', '.join(repeated)}", param=repeated[0])
         name = form.get("name")
         if not isinstance(name, str):
             raise RequestInvalid("the form field 'name' is missing", param="name")

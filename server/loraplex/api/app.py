@@ -8,11 +8,12 @@ snapshot and never wait for a step).
 
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 
 from loraplex.api import adapters, chat, completions, models
 from loraplex.api.errors import install_error_handlers
+from loraplex.api.gate import RequestGate
 from loraplex.api.services import Services, services
 from loraplex.errors import ServerDraining
 from loraplex.metrics import INVALID, REJECTED
@@ -35,19 +36,29 @@ def create_app(svc: Services) -> FastAPI:
             yield
         finally:
             svc.engine.stop()
+            svc.chat_templates.close()
 
     app = FastAPI(title="loraplex", summary="Multi-LoRA serving with an OpenAI-compatible API", lifespan=lifespan)
     app.state.services = svc
 
-    def on_refused(request: Request, status: int) -> None:
-        if request.url.path not in GENERATION_PATHS:
+    def on_refused(path: str, status: int) -> None:
+        if path not in GENERATION_PATHS:
             return
         if status in (429, 503):
             svc.metrics.request_rejected(REJECTED)
         elif 400 <= status < 500:
             svc.metrics.request_rejected(INVALID)
 
-    install_error_handlers(app, svc.config.retry_after, on_refused)
+    install_error_handlers(app, svc.config.retry_after, lambda request, status: on_refused(request.url.path, status))
+    config = svc.config
+    app.add_middleware(
+        RequestGate,
+        keys=svc.keys,
+        max_request_bytes=config.max_request_bytes,
+        max_adapter_bytes=config.max_adapter_bytes,
+        protect_metrics=config.metrics_auth == "key",
+        on_refused=on_refused,
+    )
     admitted = [Depends(refuse_when_draining)]
     for module in (completions, chat, models, adapters):
         app.include_router(module.router, dependencies=admitted)
@@ -56,7 +67,8 @@ def create_app(svc: Services) -> FastAPI:
     def health() -> Response:
         if svc.engine.alive and not svc.draining:
             return JSONResponse({"status": "ok"})
-        reason = "draining" if svc.draining else "engine loop not running"
+        failure = svc.engine.failure
+        reason = "draining" if svc.draining else f"engine stopped: {failure}" if failure else "engine loop not running"
         return JSONResponse({"status": reason}, status_code=503)
 
     @app.get("/metrics")

@@ -10,7 +10,10 @@ The keys file:
     [[keys]]
     key = "sk-acme-1"            # or key_sha256 = "<hex digest>", to keep keys out of the file
     tenant = "acme"
-    role = "tenant"              # or "admin"
+    role = "tenant"              # or "admin", or "metrics" (may only read /metrics)
+
+The `RequestGate` (gate.py) authenticates every `/v1` request from its headers before the body is
+read, and leaves the principal in the request state, where `caller` finds it.
 """
 
 import hashlib
@@ -80,8 +83,8 @@ class ApiKeys:
             tenant, role = raw.get("tenant"), raw.get("role", "tenant")
             if not isinstance(tenant, str) or not tenant:
                 raise ValueError(f"{where}: tenant must be a non-empty string")
-            if role not in ("admin", "tenant"):
-                raise ValueError(f"{where}: role must be 'admin' or 'tenant', got {role!r}")
+            if role not in ("admin", "tenant", "metrics"):
+                raise ValueError(f"{where}: role must be 'admin', 'tenant' or 'metrics', got {role!r}")
             if digest in seen:
                 raise ValueError(f"{where} repeats a key already listed")
             seen.add(digest)
@@ -111,4 +114,7 @@ class ApiKeys:
 
 def caller(request: Request) -> Principal:
     """FastAPI dependency: the `Principal` behind this request's `Authorization` header."""
-    return request.app.state.services.keys.authenticate(request.headers.get("authorization"))
+    principal = getattr(request.state, "principal", None)
+    if principal is None:  # not through the gate's /v1 prefix
+        principal = request.app.state.services.keys.authenticate(request.headers.get("authorization"))
+    return principal

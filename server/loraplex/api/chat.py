@@ -1,20 +1,20 @@
 """`POST /v1/chat/completions`: chat through the tokenizer's template or the adapter's own.
 
 Owns: rendering messages into a prompt (the adapter directory's chat template when it carries
-one, else the base tokenizer's), per-choice sampling parameters, and the chat response and
-chunk formats, with OpenAI's `logprobs.content` entries (`token`, `logprob`, `bytes`,
-`top_logprobs`).
+one, else the base tokenizer's; either way in `ChatTemplateRenderer`'s sandbox processes, never
+in this one), per-choice sampling parameters, and the chat response and chunk formats, with
+OpenAI's `logprobs.content` entries (`token`, `logprob`, `bytes`, `top_logprobs`).
 """
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
+from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.api.generation import Choice, Generation
 from loraplex.api.models import resolve_model
-from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, token_strings, usage
+from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage
 from loraplex.api.schemas import ChatCompletionRequest
 from loraplex.api.services import Services, services
 from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
@@ -25,18 +25,20 @@ from loraplex.tenancy import Principal
 router = APIRouter()
 
 
-def render_prompt(body: ChatCompletionRequest, record: AdapterRecord | None, tokenizer) -> list[int]:
+def render_prompt(
+    body: ChatCompletionRequest, record: AdapterRecord | None, tokenizer, renderer: ChatTemplateRenderer
+) -> list[int]:
     """The prompt's token ids: messages through the adapter's template, else the tokenizer's."""
     template = record.chat_template if record is not None else None
-    if template is None and not getattr(tokenizer, "chat_template", None):
-        raise RequestInvalid("this model has no chat template; use /v1/completions", param="messages")
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RequestInvalid("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            template = tokenizer.get_chat_template()  # picks "default" from a dict of named templates
+        except ValueError as exc:
+            raise RequestInvalid(f"this model's chat template cannot be chosen: {exc}", param="messages") from None
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=body.add_generation_prompt, tokenize=False
-        )
-    except TemplateError as exc:
-        raise RequestInvalid(f"the chat template cannot render these messages: {exc}", param="messages") from None
+    text = renderer.render(template, messages, body.add_generation_prompt, tokenizer.special_tokens_map)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise RequestInvalid("the rendered prompt is empty", param="messages")
@@ -113,7 +115,7 @@ async def create_chat_completion(
     body.check_supported()
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
-    prompt = await run_in_threadpool(render_prompt, body, record, tokenizer)  # templating off the event loop
+    prompt = await run_in_threadpool(render_prompt, body, record, tokenizer, svc.chat_templates)  # off the loop
     params = _params(body, prompt, svc.engine.max_model_len)
     generation = Generation(svc, principal.tenant, record and record.adapter, [prompt], params)
     generation.start(http_request)
@@ -157,5 +159,7 @@ async def _stream(generation: Generation, body: ChatCompletionRequest, response_
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(generation)})
         yield sse("[DONE]")
+    except Exception:  # the status line is sent: end the stream with an error event, not a broken body
+        yield stream_failed()
     finally:
         generation.close()

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from loraplex.api.auth import caller
 from loraplex.api.generation import Choice, Generation
 from loraplex.api.models import resolve_model
-from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, token_strings, usage
+from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage
 from loraplex.api.schemas import CompletionRequest
 from loraplex.api.services import Services, services
 from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
@@ -192,5 +192,7 @@ async def _stream(generation: Generation, body: CompletionRequest, echo: _Echo, 
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(generation)})
         yield sse("[DONE]")
+    except Exception:  # the status line is sent: end the stream with an error event, not a broken body
+        yield stream_failed()
     finally:
         generation.close()

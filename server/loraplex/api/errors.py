@@ -3,10 +3,10 @@
 Owns: the single table from loraplex's typed errors to HTTP status codes, and the FastAPI
 exception handlers that render `{"error": {"message", "type", "param", "code"}}`. Validation
 errors from request parsing (malformed JSON, unknown fields, wrong types) become 400s that name
-the field. Anything unexpected is logged and answered with a 500 that leaks no internals.
+the field. Anything unexpected reaches `gate.RequestGate`, which logs it and answers a 500 that
+leaks no internals.
 """
 
-import logging
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
@@ -20,16 +20,16 @@ from loraplex.errors import (
     AdapterMalformed,
     AdapterNotFound,
     AdapterTooLarge,
+    EngineUnavailable,
     Forbidden,
     LoraplexError,
     ModelLoadError,
     QueueFull,
     RequestInvalid,
+    RequestTooLarge,
     ServerDraining,
     Unauthorized,
 )
-
-log = logging.getLogger(__name__)
 
 # Most specific class first: the first match along an exception's MRO wins.
 _STATUS: dict[type[LoraplexError], tuple[int, str, str | None]] = {
@@ -40,10 +40,12 @@ _STATUS: dict[type[LoraplexError], tuple[int, str, str | None]] = {
     AdapterNotFound: (404, "not_found_error", "model_not_found"),
     AdapterExists: (409, "conflict_error", "adapter_exists"),
     AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
+    RequestTooLarge: (413, "invalid_request_error", "request_too_large"),
     AdapterInvalid: (422, "invalid_request_error", "adapter_invalid"),
     QueueFull: (429, "rate_limit_error", "queue_full"),
     ServerDraining: (503, "service_unavailable", "draining"),
     ModelLoadError: (503, "service_unavailable", None),
+    EngineUnavailable: (503, "service_unavailable", "engine_unavailable"),
 }
 
 
@@ -117,12 +119,11 @@ def install_error_handlers(app: FastAPI, retry_after: int, on_refused: Callable[
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):
+            message = "the request body is nested too deeply to parse"
+        code = getattr(exc, "code", None)
+        on_refused(request, exc.status_code)
         return JSONResponse(
-            error_body(str(exc.detail), error_type), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+            error_body(message, error_type, code=code), status_code=exc.status_code, headers=getattr(exc, "headers", None)
         )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        on_refused(request, 500)
-        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)

@@ -14,7 +14,7 @@ from starlette.requests import Request as HttpRequest
 
 from loraplex.api.services import Services
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent, TopLogprobs
-from loraplex.errors import EngineFailed, LoraplexError, ServerDraining
+from loraplex.errors import EngineFailed, EngineUnavailable, LoraplexError, RequestInvalid, ServerDraining
 from loraplex.registry.adapter import LoraAdapter
 
 
@@ -31,6 +31,7 @@ class Choice:
     prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    fatal: bool = False  # the error is the engine's own: it stopped
     keep_generated: bool = True  # False when only the prompt is scored (echo with max_tokens=0)
 
     def add(self, event: TokenEvent) -> None:
@@ -45,11 +46,13 @@ class Choice:
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
+            self.fatal = event.fatal
 
     def raise_for_outcome(self) -> None:
         """Raise for a choice that did not finish normally (engine failure, shutdown)."""
         if self.finish_reason is FinishReason.ERROR:
-            raise EngineFailed(self.error or "the engine failed while running this request")
+            failure = EngineUnavailable if self.fatal else EngineFailed
+            raise failure(self.error or "the engine failed while running this request")
         if self.finish_reason is FinishReason.ABORT:
             raise ServerDraining("the request was aborted because the server is shutting down")
 
@@ -95,8 +98,19 @@ class Generation:
         return sum(len(choice.token_ids) for choice in self.choices)
 
     def start(self, http_request: HttpRequest) -> None:
-        """Queue every choice, or none: a full queue refunds those already queued and raises."""
+        """Queue every choice, or none: a full queue refunds those already queued and raises.
+
+        A request with more choices than the queue holds could never run: that is the caller's
+        error (400), not a full queue (429).
+        """
         services = self._services
+        max_queue = services.engine.config.max_queue
+        if max_queue is not None and len(self.choices) > max_queue:
+            raise RequestInvalid(
+                f"this request has {len(self.choices)} choices (prompts x n); the server queues at most {max_queue} "
+                "(--max-queue), so it could never run",
+                param="n",
+            )
         loop = asyncio.get_running_loop()
         for choice, params in zip(self.choices, self._params):
 

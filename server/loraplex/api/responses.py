@@ -5,11 +5,16 @@ chat response, and the one place where an aborted or failed choice becomes an HT
 """
 
 import json
+import logging
 import time
 import uuid
 
+from loraplex.api.errors import error_body, status_of
 from loraplex.api.generation import Choice, Generation
 from loraplex.engine.request import FinishReason
+from loraplex.errors import LoraplexError
+
+log = logging.getLogger(__name__)
 
 
 def new_id(prefix: str) -> str:
@@ -32,9 +37,19 @@ def sse(payload: dict | str) -> str:
 
 
 def error_event(choice: Choice) -> dict:
-    """The SSE payload that ends a stream whose choice failed."""
-    message = choice.error or "the request was aborted because the server is shutting down"
-    return {"error": {"message": message, "type": "internal_error", "param": None, "code": None}}
+    """The SSE payload that ends a stream whose choice failed (or was cut by a shutdown)."""
+    try:
+        choice.raise_for_outcome()
+    except LoraplexError as exc:
+        status, error_type, code = status_of(exc)
+        return error_body(str(exc), error_type, code=code or status)
+    return error_body("the request ended without a result", "internal_error")
+
+
+def stream_failed() -> str:
+    """Log the exception being handled and give the SSE event that ends its stream."""
+    log.exception("a streaming response failed")
+    return sse(error_body("internal server error", "internal_error"))
 
 
 def token_strings(tokenizer, token_ids: list[int]) -> list[str]:

@@ -1,22 +1,52 @@
 """The request bodies the API accepts, as strict pydantic models.
 
-Owns: field names, types and bounds of every JSON body (OpenAI completions and chat, the
-vLLM-style adapter load/unload), so that malformed input is refused at the door with a 400 that
-names the field. Unknown fields are refused rather than silently ignored. OpenAI parameters that
-loraplex does not implement are accepted only at their neutral value (e.g. `presence_penalty=0`),
-and refused otherwise with a message saying so; `check_supported` does that.
+Owns: field names, types and bounds of every JSON body (OpenAI completions and chat, adapter
+merges, the vLLM-style adapter load/unload), so that malformed input is refused at the door with a
+400 that names the field. Every number is bounded to what the engine can hold (seeds to 64 bits,
+counts to 32 bits), every string and list in length, and every string must be valid Unicode (a
+lone surrogate cannot be tokenized or encoded back to UTF-8). Unknown fields are refused rather
+than silently ignored. OpenAI parameters that loraplex does not implement are accepted only at
+their neutral value (e.g. `presence_penalty=0`), and refused otherwise with a message saying so;
+`check_supported` does that.
 """
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from loraplex.errors import RequestInvalid
+from loraplex.merging import MAX_SEED, MERGE_METHODS
 
 MAX_LOGPROBS = 20
 MAX_N = 16
+MAX_INT32 = (1 << 31) - 1
+MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 1024  # characters of one stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 1024
+MAX_NAME_CHARS = 1024  # model names, message names, tool call ids, users
+MAX_PATH_CHARS = 4096
+MAX_MERGE_WEIGHT = 1e3
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+def _valid_unicode(text: str) -> str:
+    """Refuse lone surrogates ("\\ud800" in JSON): no tokenizer or UTF-8 encoder takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode: it holds a lone surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1 << 20)]
+# Accepted by name, and only at the neutral value (see check_supported); the schema says so.
+Neutral = Annotated[float, Field(json_schema_extra={"minimum": 0, "maximum": 0})]
 
 
 class _Strict(BaseModel):
@@ -31,29 +61,30 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """Parameters completions and chat share."""
 
-    model: str
+    model: Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = -1
+    top_k: Annotated[int, Field(ge=-1, le=MAX_INT32)] = -1
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    seed: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64)] | None = None
+    stop: (
+        Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+        | Annotated[list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
+        | None
+    ) = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    user: Name | None = None
+    presence_penalty: Neutral = 0.0
+    frequency_penalty: Neutral = 0.0
+    logit_bias: Annotated[dict[Name, float], Field(json_schema_extra={"maxProperties": 0})] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if any(not s for s in stops):
-            raise RequestInvalid("stop strings must not be empty", param="stop")
-        return stops
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def check_supported(self) -> None:
         """Refuse OpenAI parameters loraplex accepts by name but does not implement."""
@@ -66,36 +97,42 @@ class _Sampling(_Strict):
             raise RequestInvalid("stream_options is only allowed with stream=true", param="stream_options")
 
 
+PromptText = Annotated[Text, Field(min_length=1)]
+
+
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`."""
 
-    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    prompt: (
+        PromptText
+        | TokenIds
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    suffix: str | None = None
+    suffix: Annotated[Text, Field(max_length=0)] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.best_of is not None and self.best_of != self.n:
             raise RequestInvalid("best_of other than n is not supported", param="best_of")
-        if self.suffix:
-            raise RequestInvalid("suffix is not supported", param="suffix")
         if self.max_tokens == 0 and not self.echo:
             raise RequestInvalid("max_tokens=0 is only allowed with echo=true", param="max_tokens")
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: Name | None = None
+    tool_call_id: Name | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -112,9 +149,9 @@ class ResponseFormat(_Strict):
 class ChatCompletionRequest(_Sampling):
     """`POST /v1/chat/completions`."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT32)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
@@ -130,28 +167,31 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+AdapterName = Annotated[Text, Field(min_length=1, max_length=64)]
+
+
 class MergeRequest(_Strict):
     """`POST /v1/adapters/merge`: combine the caller's adapters into a new one (see merging.py)."""
 
-    name: str
-    adapters: Annotated[list[str], Field(min_length=2, max_length=16)]
-    weights: list[float]
-    method: str
-    density: float | None = None
-    rank: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 0
+    name: AdapterName
+    adapters: Annotated[list[AdapterName], Field(min_length=2, max_length=16)]
+    weights: Annotated[list[Annotated[float, Field(ge=-MAX_MERGE_WEIGHT, le=MAX_MERGE_WEIGHT)]], Field(max_length=16)]
+    method: Literal[MERGE_METHODS]
+    density: Annotated[float, Field(gt=0, le=1)] | None = None
+    rank: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     overwrite: bool = False
 
 
 class LoadLoraRequest(_Strict):
     """vLLM's `POST /v1/load_lora_adapter`."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: AdapterName
+    lora_path: Annotated[Text, Field(min_length=1, max_length=MAX_PATH_CHARS)]
 
 
 class UnloadLoraRequest(_Strict):
     """vLLM's `POST /v1/unload_lora_adapter`."""
 
-    lora_name: str
-    lora_int_id: int | None = None
+    lora_name: AdapterName
+    lora_int_id: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64)] | None = None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from loraplex.api.auth import ApiKeys
+from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.metrics import Metrics
@@ -24,6 +25,7 @@ class Services:
     catalog: AdapterCatalog
     keys: ApiKeys
     metrics: Metrics
+    chat_templates: ChatTemplateRenderer
     draining: bool = False
     in_flight: int = 0  # generation requests being answered now
     started: float = field(default_factory=time.time)

@@ -6,8 +6,9 @@ after loading: adapters live beside the base in slot stacks, never inside it.
 """
 
 import json
+import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ from loraplex.config import EngineConfig
 from loraplex.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PACKED_NF4_BLOCK_N = 32  # bitsandbytes' packed CPU nf4 kernel takes out_features in blocks of 32
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +35,7 @@ class BaseModel:
     dtype: torch.dtype
     quantize: str
     name: str
+    warnings: list[str] = field(default_factory=list)  # what an operator should know about how it runs
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,6 +107,17 @@ def load_base_model(config: EngineConfig) -> BaseModel:
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    notes = []
+    if config.quantize == "nf4" and device.type == "cpu":
+        unpacked = _route_unpackable_nf4_layers(model)
+        if unpacked:
+            notes.append(
+                f"{len(unpacked)} nf4 layers have widths bitsandbytes' packed CPU kernel cannot take (out_features a "
+                f"multiple of {PACKED_NF4_BLOCK_N}, in_features of the quantization block); they run on its generic "
+                f"4-bit path instead: {', '.join(unpacked[:4])}{', ...' if len(unpacked) > 4 else ''}"
+            )
+    for note in notes:
+        log.warning(note)
     return BaseModel(
         model=model,
         tokenizer=tokenizer,
@@ -109,4 +125,28 @@ def load_base_model(config: EngineConfig) -> BaseModel:
         dtype=dtype,
         quantize=config.quantize,
         name=path.name,
+        warnings=notes,
     )
+
+
+def _route_unpackable_nf4_layers(model: PreTrainedModel) -> list[str]:
+    """Send nf4 layers the packed AVX512-BF16 CPU kernel cannot take to bitsandbytes' generic path.
+
+    That kernel repacks each weight on its first forward and fails (for every request, forever)
+    unless out_features is a multiple of 32 and in_features of the quantization block; bitsandbytes
+    keeps a generic dequantize-and-matmul path for any shape, chosen per layer by this flag.
+
+    Returns:
+        The names of the layers rerouted.
+    """
+    import bitsandbytes as bnb
+
+    rerouted = []
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            state = module.weight.quant_state
+            out_features, in_features = state.shape
+            if out_features % PACKED_NF4_BLOCK_N or in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+                rerouted.append(name)
+    return rerouted

@@ -31,18 +31,24 @@ from loraplex.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from loraplex.engine.runner import ModelRunner
+from loraplex.engine.runner import LogitRows, ModelRunner
 from loraplex.engine.sampling import sample, token_logprobs
-from loraplex.engine.scheduler import Scheduler, SchedulerLimits
+from loraplex.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import RequestStream
-from loraplex.errors import AdapterInvalid, AdapterNotFound, QueueFull, RequestInvalid
+from loraplex.engine.warmup import check_model_runs
+from loraplex.errors import AdapterInvalid, AdapterNotFound, EngineUnavailable, QueueFull, RequestInvalid
 from loraplex.registry.adapter import LoraAdapter, build_adapter, load_adapter
 from loraplex.registry.slots import SlotCache
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[TokenEvent], None]
+MAX_FAILED_STEPS = 3  # steps in a row that fail every request in them before the engine stops
+
+
+class EngineStopped(Exception):
+    """The engine cannot go on (raised on its own thread, which then stops and reports why)."""
 
 
 @dataclass(eq=False)
@@ -94,7 +100,7 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.kv_cache, self.slots)
         self.runner = ModelRunner(
-            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, self.base.dtype
+            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank
         )
         self.eos_ids = self._eos_ids()
         self.adapters: dict[str, LoraAdapter] = {}
@@ -107,7 +113,10 @@ class Engine:
         self._queued = 0  # requests added but never admitted yet (the bounded queue)
         self._queued_lock = threading.Lock()
         self.num_steps = 0
+        self._failed_steps = 0  # consecutive steps in which every request failed
+        self.failure: str | None = None  # why the loop stopped, once it has
         self.snapshot = EngineSnapshot(slots_total=config.max_loras)
+        check_model_runs(self)
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.base.model.generation_config, "eos_token_id", None)
@@ -182,16 +191,19 @@ class Engine:
             if adapter not in self.adapters:
                 raise AdapterNotFound(f"adapter {adapter!r} is not loaded")
             adapter = self.adapters[adapter]
-        self._reserve_queue_place(bounded)
+        if self.failure is not None:
+            raise EngineUnavailable(f"the engine stopped after an error and takes no requests: {self.failure}")
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.base.device)
-            generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "big"))
+            seed = params.generator_seed
+            generator.manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "big"))
         request = Request(request_id or uuid.uuid4().hex, prompt_ids, adapter, params, generator)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = []
-        detokenizer = Detokenizer(self.base.tokenizer, prompt_ids, params.stop)
-        self._send("add", _Live(request, detokenizer, sink or (lambda event: None)))
+        live = _Live(request, Detokenizer(self.base.tokenizer, prompt_ids, params.stop), sink or (lambda event: None))
+        self._reserve_queue_place(bounded)  # last: nothing after it can fail, so no place is ever lost
+        self._send("add", live)
         return request.request_id
 
     def _reserve_queue_place(self, bounded: bool) -> None:
@@ -207,6 +219,10 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Abort a request: its KV blocks and slot reference are freed at the next step boundary."""
         self._send("abort", request_id)
+
+    def abort_all(self) -> None:
+        """Abort every request at the next step boundary (a shutdown cutting what still runs)."""
+        self._send("abort_all", None)
 
     def submit(
         self,
@@ -255,7 +271,13 @@ class Engine:
     # ----- the step loop --------------------------------------------------------------------
 
     def step(self) -> None:
-        """Schedule, run and post-process one iteration."""
+        """Schedule, run and post-process one iteration.
+
+        A failure that one request causes fails that request alone: a forward pass that raises is
+        retried one sequence at a time to find the culprits (the others lose nothing: their chunk
+        is simply recomputed next step), a request whose logits are not finite is failed, and an
+        error while sampling or post-processing one request fails only that request.
+        """
         self._drain_inbox()
         batch = self.scheduler.schedule()
         if not batch:
@@ -265,31 +287,13 @@ class Engine:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
                 self._release_queue_place()
-        logits, rows = self.runner.run(batch, self.null_slot)
-        wants_logprobs = any(batch[i].request.params.logprobs is not None for i in rows.sample_rows)
-        scores = None
-        if rows.prompt_rows or wants_logprobs:
-            scores = logits if self.config.logprobs_mode == "raw_logits" else logits.log_softmax(dim=-1)
-        for seq in batch:
-            seq.request.num_computed = seq.start + seq.length
-        for index, (row, count) in rows.prompt_rows.items():
-            self._score_prompt(batch[index].request, scores[row : row + count])
-        sampled = sorted(rows.sample_rows.items())
-        if sampled:
-            picked_rows = torch.tensor([row for _, row in sampled], device=logits.device)
-            requests = [batch[index].request for index, _ in sampled]
-            tokens = sample(
-                logits.index_select(0, picked_rows),
-                [r.params for r in requests],
-                [r.generator for r in requests],
-            )
-            chosen, top = [None] * len(requests), [None] * len(requests)
-            if wants_logprobs:
-                top_n = max((r.params.logprobs or 0) for r in requests)
-                chosen, top = token_logprobs(scores.index_select(0, picked_rows), tokens, top_n)
-            for request, token, logprob, alternatives in zip(requests, tokens.tolist(), chosen, top):
-                n = request.params.logprobs
-                self._append_token(request, token, logprob if n is not None else None, alternatives[:n] if n is not None else None)
+        try:
+            logits, rows = self.runner.run(batch, self.null_slot)
+        except Exception as exc:
+            self._isolate(batch, exc)
+        else:
+            self._failed_steps = 0
+            self._postprocess(batch, logits, rows)
         self._free_retired()
         self.num_steps += 1
         self.observer.step(len(batch))
@@ -297,6 +301,96 @@ class Engine:
             self.observer.adapter_loaded(seconds)
         self.slots.stats.load_seconds.clear()
         self._publish(time.time())
+
+    def _postprocess(self, batch: list[ScheduledSeq], logits: torch.Tensor, rows: LogitRows) -> None:
+        sampled = sorted(rows.sample_rows.items())
+        requests = [batch[index].request for index, _ in sampled]
+        wants_logprobs = any(r.params.logprobs is not None for r in requests)
+        scores = None
+        if rows.prompt_rows or wants_logprobs:
+            scores = logits if self.config.logprobs_mode == "raw_logits" else logits.log_softmax(dim=-1)
+        finite = torch.isfinite(logits).all(dim=-1)  # [R]
+        tokens = torch.empty(0, dtype=torch.long, device=logits.device)
+        picked_rows = None
+        if sampled:
+            picked_rows = torch.tensor([row for _, row in sampled], device=logits.device)
+            tokens = self._sample(logits.index_select(0, picked_rows), requests)
+        # The step's one read from the device: the sampled ids, then whether each logits row is finite.
+        read = torch.cat([tokens, finite.long()]).tolist()
+        token_ids, finite_rows = read[: len(sampled)], read[len(sampled) :]
+        for index, seq in enumerate(batch):
+            request = seq.request
+            request.num_computed = seq.start + seq.length
+            first, count = rows.prompt_rows.get(index, (0, 0))
+            own = finite_rows[first : first + count] + ([finite_rows[rows.sample_rows[index]]] if index in rows.sample_rows else [])
+            if not all(own):
+                adapter = f" with adapter {request.adapter.name!r}" if request.adapter is not None else ""
+                self._fail(request, f"request {request.request_id}{adapter} produced non-finite logits (NaN or Inf)")
+        for index, (row, count) in rows.prompt_rows.items():
+            request = batch[index].request
+            if not request.finished:
+                self._guarded(request, lambda: self._score_prompt(request, scores[row : row + count]))
+        if not sampled:
+            return
+        chosen, top = [None] * len(requests), [None] * len(requests)
+        if wants_logprobs:
+            top_n = max((r.params.logprobs or 0) for r in requests)
+            chosen, top = token_logprobs(scores.index_select(0, picked_rows), tokens, top_n)
+        for request, token, logprob, alternatives in zip(requests, token_ids, chosen, top):
+            if request.finished:
+                continue
+            n = request.params.logprobs
+            kept = (logprob, alternatives[:n]) if n is not None else (None, None)
+            self._guarded(request, lambda: self._append_token(request, token, *kept))
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Sample every row at once; if that fails, row by row, failing only the rows that fail."""
+        try:
+            return sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        except Exception:
+            log.exception("sampling a step failed; sampling its %d rows one by one", len(requests))
+        picked = []
+        for row, request in enumerate(requests):
+            try:
+                picked.append(sample(logits[row : row + 1], [request.params], [request.generator]))
+            except Exception as exc:
+                self._fail(request, f"sampling request {request.request_id} failed: {type(exc).__name__}: {exc}")
+                picked.append(torch.zeros(1, dtype=torch.long, device=logits.device))
+        return torch.cat(picked)
+
+    def _isolate(self, batch: list[ScheduledSeq], exc: Exception) -> None:
+        """A forward pass raised: run each sequence alone, and fail those that fail alone."""
+        log.exception("an engine step of %d sequences failed; running them one by one to find the cause", len(batch))
+        culprits = []
+        for seq in batch:
+            try:
+                self.runner.run([seq], self.null_slot)
+            except Exception as alone:
+                culprits.append((seq.request, alone))
+        if not culprits:  # the failure needs the whole batch: nobody to blame alone, so nobody goes on
+            culprits = [(seq.request, exc) for seq in batch]
+        for request, error in culprits:
+            self._fail(request, f"the engine failed running request {request.request_id}: {type(error).__name__}: {error}")
+        self._failed_steps = self._failed_steps + 1 if len(culprits) == len(batch) else 0
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise EngineStopped(f"{MAX_FAILED_STEPS} steps in a row failed for every request in them; last: {exc}")
+
+    def _guarded(self, request: Request, work: Callable[[], None]) -> None:
+        """Run one request's share of post-processing; an error fails that request only."""
+        try:
+            work()
+        except Exception as exc:
+            log.exception("post-processing request %s failed", request.request_id)
+            self._fail(request, f"request {request.request_id} failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, request: Request, message: str, fatal: bool = False) -> None:
+        """End `request` with an error event naming `message` (once; a finished request is left alone)."""
+        if request.finished:
+            return
+        live = self._live.get(request.request_id)
+        self._finish(request, FinishReason.ERROR)
+        if live is not None:
+            live.sink(TokenEvent(request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message, fatal=fatal))
 
     def _publish(self, step_time: float) -> None:
         scheduler, stats = self.scheduler, self.slots.stats
@@ -379,11 +473,12 @@ class Engine:
             if kind == "add":
                 self._live[payload.request.request_id] = payload
                 self.scheduler.add(payload.request)
-            elif kind == "abort":
-                live = self._live.get(payload)
-                if live is not None:
-                    self._finish(live.request, FinishReason.ABORT)
-                    live.sink(TokenEvent(payload, None, "", finish_reason=FinishReason.ABORT))
+            elif kind in ("abort", "abort_all"):
+                for request_id in [payload] if kind == "abort" else list(self._live):
+                    live = self._live.get(request_id)
+                    if live is not None:
+                        self._finish(live.request, FinishReason.ABORT)
+                        live.sink(TokenEvent(request_id, None, "", finish_reason=FinishReason.ABORT))
             elif kind == "retire":
                 self._retired.append(payload)
                 self._free_retired()
@@ -418,21 +513,33 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
-        while not self._stopping:
-            self._wake.clear()
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._wake.wait(0.5)
-                continue
-            try:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(0.5)
+                    continue
                 self.step()
-            except Exception as exc:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
-                self._fail_running(f"engine step failed: {exc}")
+        except BaseException as exc:  # the loop's state can no longer be trusted: stop serving, say why
+            log.exception("the engine loop stopped")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self._fail_everything(f"the engine stopped after an error: {self.failure}")
 
-    def _fail_running(self, message: str) -> None:
-        for request in list(self.scheduler.running):
-            live = self._live.get(request.request_id)
-            self._finish(request, FinishReason.ERROR)
-            if live is not None:
-                live.sink(TokenEvent(request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message))
+    def _fail_everything(self, message: str) -> None:
+        """Answer every request the engine holds with `message`, whatever state the scheduler is in."""
+        self._drain_inbox_quietly()
+        for live in list(self._live.values()):
+            try:
+                self._fail(live.request, message, fatal=True)
+            except Exception:
+                log.exception("could not release request %s", live.request.request_id)
+                event = TokenEvent(live.request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message, fatal=True)
+                live.sink(event)
+        self._live.clear()
+
+    def _drain_inbox_quietly(self) -> None:
+        try:
+            self._drain_inbox()
+        except Exception:
+            log.exception("could not drain the engine's inbox")

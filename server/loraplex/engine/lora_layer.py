@@ -13,8 +13,7 @@ from torch import nn
 
 from loraplex.engine.lora_ops import LoraBatch, add_lora_delta
 from loraplex.registry.adapter import LoraAdapter, ModuleShape
-
-TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from loraplex.registry.adapter_config import TARGET_NAMES
 
 
 @dataclass

@@ -13,7 +13,7 @@ whole stack is also one `[slots * rank, out]` matrix.
 
 Three equivalent strategies, picked per step:
   * dense: when the step's slots all lie in a small range [0, hi), multiply by every slot of the
-    range at once and mask each token to its own slot's columns: three ops per layer. Best for
+    range at once and zero each token's other slots' columns: three ops per layer. Best for
     decode steps with few adapters, where the cost is in the number of ops, not in flops.
   * gather (BGMV-like): gather each token's A and B, then two batched matmuls. For decode steps
     over many slots.
@@ -39,7 +39,7 @@ class LoraBatch:
     segments: list[tuple[int, int, int, int]]  # (slot, start, end, rank) of each adapter run of tokens
     rank: int  # the largest rank in the step: stacks are sliced to it
     use_segments: bool
-    dense_mask: torch.Tensor | None  # [T, hi * max_rank], 1 on each token's own slot columns
+    dense_other: torch.Tensor | None  # [T, hi * max_rank] bool, True off each token's own slot columns
 
 
 def find_segments(token_slots: list[int], slot_ranks: dict[int, int]) -> list[tuple[int, int, int, int]]:
@@ -59,8 +59,15 @@ def find_segments(token_slots: list[int], slot_ranks: dict[int, int]) -> list[tu
     return segments
 
 
+STRATEGIES = ("auto", "dense", "gather", "segment")
+
+
 def build_lora_batch(
-    token_slots: list[int], slot_ranks: dict[int, int], max_rank: int, dtype: torch.dtype, device: torch.device
+    token_slots: list[int],
+    slot_ranks: dict[int, int],
+    max_rank: int,
+    device: torch.device,
+    strategy: str = "auto",
 ) -> LoraBatch | None:
     """The step's LoRA metadata, or None when no token of the step uses an adapter.
 
@@ -68,25 +75,30 @@ def build_lora_batch(
         token_slots: the slot of every token of the step, in the step's token order.
         slot_ranks: the rank of each slot used by an adapter this step (the null slot is absent).
         max_rank: the stacks' rank (`max_lora_rank`).
-        dtype: the stacks' dtype.
         device: where the forward runs.
+        strategy: one of STRATEGIES; `auto` picks by tokens per segment and slot range, the others
+            force one (the start-up check runs each).
     """
     segments = find_segments(token_slots, slot_ranks)
     if not segments:
         return None
     slots = torch.tensor(token_slots, dtype=torch.long, device=device)
-    use_segments = len(token_slots) >= SEGMENT_MIN_AVG_TOKENS * len(segments)
-    dense_mask = None
     hi = max(slot_ranks) + 1
-    if not use_segments and hi * max_rank <= DENSE_MAX_COLUMNS:
+    if strategy == "auto":
+        if len(token_slots) >= SEGMENT_MIN_AVG_TOKENS * len(segments):
+            strategy = "segment"
+        else:
+            strategy = "dense" if hi * max_rank <= DENSE_MAX_COLUMNS else "gather"
+    dense_other = None
+    if strategy == "dense":
         column_slot = torch.arange(hi, device=device).repeat_interleave(max_rank)  # [hi * R]
-        dense_mask = (column_slot[None, :] == slots[:, None]).to(dtype)  # [T, hi * R]
+        dense_other = column_slot[None, :] != slots[:, None]  # [T, hi * R]
     return LoraBatch(
         token_slots=slots,
         segments=segments,
         rank=max(slot_ranks.values()),
-        use_segments=use_segments,
-        dense_mask=dense_mask,
+        use_segments=strategy == "segment",
+        dense_other=dense_other,
     )
 
 
@@ -111,10 +123,11 @@ def add_lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
             shrunk = x[start:end] @ lora_a[slot, :rank].T  # [n, r]
             y[start:end].addmm_(shrunk, lora_b[slot, :rank])
         return
-    if batch.dense_mask is not None:
-        columns = batch.dense_mask.shape[1]  # hi * R
+    if batch.dense_other is not None:
+        columns = batch.dense_other.shape[1]  # hi * R
         shrunk = x @ lora_a.view(-1, lora_a.shape[2])[:columns].T  # [T, hi * R]
-        shrunk.mul_(batch.dense_mask)
+        # Zero other slots' columns by selection, not by multiplying with 0: an Inf there stays out.
+        shrunk.masked_fill_(batch.dense_other, 0.0)
         y.addmm_(shrunk, lora_b.view(-1, lora_b.shape[2])[:columns])
         return
     rank = batch.rank

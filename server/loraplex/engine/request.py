@@ -16,6 +16,9 @@ from loraplex.errors import RequestInvalid
 from loraplex.registry.adapter import LoraAdapter
 
 
+GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an EOS or stop token, or a stop string
     LENGTH = "length"  # max_tokens or max_model_len reached
@@ -33,9 +36,14 @@ class RequestStatus(enum.Enum):
 class SamplingParams:
     """How to pick each next token and when to stop.
 
+    Every field is checked when the params are built, so nothing a request asks for can fail a
+    step later (a seed of any size is reduced to the generator's 64 bits; a top_k beyond the
+    vocabulary keeps all tokens).
+
     Args:
         max_tokens: tokens to generate at most.
-        temperature: 0 means greedy.
+        temperature: 0 means greedy; so does anything below GREEDY_TEMPERATURE, where dividing the
+            logits by it would overflow to inf and give NaN probabilities.
         top_p: nucleus sampling mass, in (0, 1].
         top_k: keep the k most likely tokens; 0 keeps all.
         seed: makes sampling reproducible for this request, whatever shares its steps.
@@ -58,6 +66,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "top_k"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise RequestInvalid(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise RequestInvalid(f"seed must be an integer, got {self.seed!r}")
         if self.max_tokens < 1:
             raise RequestInvalid(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -72,10 +85,17 @@ class SamplingParams:
                 raise RequestInvalid(f"{name} must be >= 0, got {value}")
         if any(not s for s in self.stop):
             raise RequestInvalid("stop strings must not be empty")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise RequestInvalid(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def generator_seed(self) -> int | None:
+        """The seed as torch.Generator takes it: any integer, reduced to 64 bits."""
+        return None if self.seed is None else self.seed % (1 << 64)
 
 
 TopLogprobs = list[tuple[int, float]]
@@ -97,6 +117,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
     error: str | None = None
+    fatal: bool = False  # with an error: the engine itself stopped, not just this request
 
 
 @dataclass

@@ -65,7 +65,6 @@ class ModelRunner:
         lora_context: shared with every wrapper; set here around each forward.
         device: where the model lives.
         max_lora_rank: the slot stacks' rank.
-        lora_dtype: the slot stacks' dtype.
     """
 
     def __init__(
@@ -75,18 +74,16 @@ class ModelRunner:
         lora_context: LoraContext,
         device: torch.device,
         max_lora_rank: int,
-        lora_dtype: torch.dtype,
     ):
         self.model = model
         self.max_lora_rank = max_lora_rank
-        self.lora_dtype = lora_dtype
         self.decoder = model.model
         self.kv_cache = kv_cache
         self.lora_context = lora_context
         self.device = device
         self.sliding_window, self.sliding = _sliding_layers(model.config)
 
-    def build_inputs(self, batch: list[ScheduledSeq], null_slot: int):
+    def build_inputs(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str = "auto"):
         """Flatten a step into tensors and metadata, ordering sequences by LoRA slot."""
         order = sorted(range(len(batch)), key=lambda i: null_slot if batch[i].request.slot is None else batch[i].request.slot)
         token_ids: list[int] = []
@@ -124,7 +121,7 @@ class ModelRunner:
         attention = build_attention_batch(
             spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device
         )
-        lora = build_lora_batch(token_slots, slot_ranks, self.max_lora_rank, self.lora_dtype, self.device)
+        lora = build_lora_batch(token_slots, slot_ranks, self.max_lora_rank, self.device, lora_strategy)
         tensors = (
             torch.tensor(token_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -133,13 +130,13 @@ class ModelRunner:
         return tensors, attention, lora, LogitRows(sample_rows, prompt_rows)
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq], null_slot: int) -> tuple[torch.Tensor, LogitRows]:
-        """Forward one step.
+    def run(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str = "auto") -> tuple[torch.Tensor, LogitRows]:
+        """Forward one step (`lora_strategy` as `build_lora_batch` takes it).
 
         Returns:
             [R, V] float32 logits for the rows named by the returned `LogitRows`.
         """
-        (token_ids, positions, logit_tokens), attention, lora, rows = self.build_inputs(batch, null_slot)
+        (token_ids, positions, logit_tokens), attention, lora, rows = self.build_inputs(batch, null_slot, lora_strategy)
         self.lora_context.batch = lora
         try:
             hidden = self._forward(token_ids, positions, attention)  # [T, hidden]

@@ -50,8 +50,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rows = logits.index_select(0, index)  # [M, V]
     temperature = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
     rows = rows / temperature[:, None]
-    if any(params[i].top_k > 0 or params[i].top_p < 1 for i in random_rows):
-        top_k = torch.tensor([params[i].top_k for i in random_rows], device=logits.device)
+    vocab = logits.shape[-1]
+    if any(0 < params[i].top_k < vocab or params[i].top_p < 1 for i in random_rows):
+        top_k = torch.tensor([min(params[i].top_k, vocab) for i in random_rows], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in random_rows], device=logits.device, dtype=rows.dtype)
         rows = apply_top_k_top_p(rows, top_k, top_p)
     probs = rows.softmax(dim=-1)

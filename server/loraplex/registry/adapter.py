@@ -1,13 +1,13 @@
 """A LoRA adapter read from PEFT files and validated against the base model.
 
-Owns: reading `adapter_config.json` + `adapter_model.safetensors` (safetensors only: never
-`torch.load`, never pickle), PEFT's scaling semantics (`alpha / r`, `alpha / sqrt(r)` with rslora,
-`rank_pattern` / `alpha_pattern`), and every validation error, each naming its problem. It knows
-nothing of device slots (slots.py) or of the on-disk store.
+Owns: parsing `adapter_config.json` + `adapter_model.safetensors` as adapter_files.py reads them
+(safetensors only: never `torch.load`, never pickle), pairing the tensors with the base's modules
+(each module at most once, only modules the config selects, as PEFT loads them), the effective
+weights' checks, and every validation error, each naming its problem; what the config itself may
+say is adapter_config.py's. It knows nothing of device slots (slots.py) or of the on-disk store.
 """
 
 import json
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -18,11 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from loraplex.errors import AdapterInvalid, AdapterMalformed, AdapterNotFound
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+from loraplex.errors import AdapterInvalid, AdapterMalformed
+from loraplex.registry.adapter_config import ModuleMatcher, check_depth, parse_settings
+from loraplex.registry.adapter_files import CONFIG_FILE, WEIGHTS_FILE, read_adapter_files
 
 _PEFT_PREFIX = "base_model.model."
 # "<module>.lora_A.weight", or "<module>.lora_A.<adapter name>.weight" as some tools save it.
@@ -68,54 +66,42 @@ class LoraAdapter:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup: a key matches a module name's dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+MAX_KEY_CHARS = 512  # a tensor name; PEFT's are under 100 characters
+# Largest |value| of A and of scaling * B in the slot stacks' dtype: trained adapters stay far below
+# 1, and a value this large already risks overflowing a half-precision delta.
+MAX_EFFECTIVE_WEIGHT = 1e4
 
 
-def _refuse_unsupported(config: Mapping) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise AdapterInvalid(f"only LoRA adapters are supported; this adapter has peft_type={peft_type or 'missing'}")
-    if config.get("use_dora"):
-        raise AdapterInvalid("DoRA adapters (use_dora=true) are not supported yet")
-    if config.get("modules_to_save"):
-        raise AdapterInvalid(
-            f"modules_to_save={config['modules_to_save']} is not supported: an adapter may only carry LoRA A/B pairs"
-        )
-    if config.get("fan_in_fan_out"):
-        raise AdapterInvalid("fan_in_fan_out=true (Conv1D layers) is not supported")
-    if config.get("lora_bias"):
-        raise AdapterInvalid("lora_bias=true is not supported")
-    if config.get("trainable_token_indices"):
-        raise AdapterInvalid("trainable_token_indices is not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterInvalid(f"bias={config['bias']!r} is not supported; only bias='none' adapters are accepted")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterInvalid(f"adapter_config.json: {key} must be a positive number, got {value!r}")
-
-
-def _pair_tensors(tensors: Mapping[str, torch.Tensor], base_modules: Mapping[str, ModuleShape]) -> dict:
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+def _pair_tensors(
+    tensors: Mapping[str, torch.Tensor], base_modules: Mapping[str, ModuleShape], matcher: ModuleMatcher
+) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """Each module's (key, tensor) for A and B; refuses what PEFT would not load as this adapter's."""
+    if len(tensors) > 2 * len(base_modules):
+        raise AdapterInvalid(f"the adapter holds {len(tensors)} tensors; this base has {len(base_modules)} LoRA targets")
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
+        if len(key) > MAX_KEY_CHARS:
+            raise AdapterInvalid(f"a tensor name is longer than {MAX_KEY_CHARS} characters")
         if "lora_magnitude_vector" in key:
             raise AdapterInvalid(f"tensor {key} is a DoRA magnitude vector; DoRA adapters are not supported yet")
         name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         match = _LORA_KEY.match(name)
         if match is None:
             raise AdapterInvalid(f"tensor {key} is not a LoRA A/B weight; only lora_A and lora_B tensors are accepted")
-        module = match["module"]
+        module, which = match["module"], match["which"]
         if module not in base_modules:
             raise AdapterInvalid(
                 f"tensor {key} targets module {module}, which the base model does not have as a LoRA target "
                 "(supported: q/k/v/o and gate/up/down projections of the decoder layers)"
             )
-        pairs.setdefault(module, {})[match["which"]] = tensor
+        if which in pairs.get(module, {}):
+            raise AdapterInvalid(f"tensors {pairs[module][which][0]} and {key} are both lora_{which} of module {module}")
+        if not matcher.selects(module):
+            raise AdapterInvalid(
+                f"tensor {key} is for module {module}, which the adapter's own target_modules, exclude_modules and "
+                "layers_to_transform do not select (PEFT would not load it)"
+            )
+        pairs.setdefault(module, {})[which] = (key, tensor)
     if not pairs:
         raise AdapterInvalid("the adapter holds no LoRA tensors, so it matches no module of the base model")
     for module, pair in pairs.items():
@@ -123,6 +109,23 @@ def _pair_tensors(tensors: Mapping[str, torch.Tensor], base_modules: Mapping[str
         if missing:
             raise AdapterInvalid(f"module {module} has lora_{missing.pop()} missing")
     return pairs
+
+
+def _effective(module: str, which: str, tensor: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0) -> torch.Tensor:
+    """`tensor * scaling` as the slot stacks will hold it, checked finite and within MAX_EFFECTIVE_WEIGHT."""
+    if not tensor.is_floating_point():
+        raise AdapterInvalid(f"module {module}: {which} has dtype {tensor.dtype}, expected a float dtype")
+    effective = tensor.to(torch.float32).mul(scaling).to(dtype)
+    if not bool(torch.isfinite(effective).all()):
+        scaled = "" if scaling == 1.0 else f" once scaled by {scaling:g}"
+        raise AdapterInvalid(f"module {module}: {which} holds non-finite values{scaled} (NaN or Inf in {dtype})")
+    largest = float(effective.abs().max()) if effective.numel() else 0.0
+    if largest > MAX_EFFECTIVE_WEIGHT:
+        raise AdapterInvalid(
+            f"module {module}: {which} scaled by {scaling:g} reaches {largest:.3g}; values beyond "
+            f"{MAX_EFFECTIVE_WEIGHT:g} are refused (check lora_alpha and r)"
+        )
+    return effective
 
 
 def build_adapter(
@@ -135,6 +138,10 @@ def build_adapter(
 ) -> LoraAdapter:
     """Validate a PEFT LoRA (config + tensors) against the base and return it ready for slots.
 
+    The weights are checked as the slots will hold them: A, and B times the module's scaling
+    (`alpha / r` or rsLoRA's `alpha / sqrt(r)`, with rank/alpha patterns), in `dtype`, all finite and
+    within MAX_EFFECTIVE_WEIGHT, so one tenant's adapter cannot put NaN or Inf into a shared step.
+
     Args:
         name: the adapter's name, as requests will select it.
         config: the parsed `adapter_config.json`.
@@ -146,16 +153,13 @@ def build_adapter(
     Raises:
         AdapterInvalid: with a message naming the first problem found.
     """
-    _refuse_unsupported(config)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    use_rslora = bool(config.get("use_rslora", False))
+    settings = parse_settings(config)
+    matcher = ModuleMatcher(settings)
     modules: dict[str, LoraWeights] = {}
-    for module, pair in sorted(_pair_tensors(tensors, base_modules).items()):
-        lora_a, lora_b = pair["A"], pair["B"]
+    for module, pair in sorted(_pair_tensors(tensors, base_modules, matcher).items()):
+        (_, lora_a), (_, lora_b) = pair["A"], pair["B"]
         shape = base_modules[module]
-        rank = int(_pattern_value(rank_pattern, module, config["r"]))
-        alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
+        rank, alpha = matcher.rank(module), matcher.alpha(module)
         if lora_a.dim() != 2 or lora_b.dim() != 2:
             raise AdapterInvalid(f"module {module}: lora_A and lora_B must be matrices")
         if rank > max_rank:
@@ -168,19 +172,15 @@ def build_adapter(
             raise AdapterInvalid(
                 f"module {module}: lora_B has shape {list(lora_b.shape)}, expected [{shape.out_features}, {rank}]"
             )
-        for which, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-            if not tensor.is_floating_point():
-                raise AdapterInvalid(f"module {module}: {which} has dtype {tensor.dtype}, expected a float dtype")
-            if not bool(torch.isfinite(tensor).all()):
-                raise AdapterInvalid(f"module {module}: {which} holds non-finite values (NaN or Inf)")
-        scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        modules[module] = LoraWeights(lora_a.to(dtype), lora_b.to(dtype), scaling)
+        scaling = settings.scaling(rank, alpha)
+        _effective(module, "lora_B", lora_b, dtype, scaling)
+        modules[module] = LoraWeights(_effective(module, "lora_A", lora_a, dtype), lora_b.to(dtype), scaling)
     targets = sorted({module.rsplit(".", 1)[-1] for module in modules})
     return LoraAdapter(
         name=name,
         rank=max(weights.rank for weights in modules.values()),
-        alpha=float(config["lora_alpha"]),
-        use_rslora=use_rslora,
+        alpha=settings.alpha,
+        use_rslora=settings.use_rslora,
         target_modules=targets,
         modules=modules,
         nbytes=sum(t.numel() * t.element_size() for w in modules.values() for t in (w.lora_a, w.lora_b)),
@@ -193,8 +193,11 @@ def parse_config(raw: bytes | str) -> dict:
         config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterMalformed(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise AdapterMalformed(f"{CONFIG_FILE} is nested too deeply to parse") from None
     if not isinstance(config, dict):
         raise AdapterMalformed(f"{CONFIG_FILE} must hold a JSON object")
+    check_depth(config)
     return config
 
 
@@ -219,29 +222,24 @@ def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
         raise AdapterMalformed(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
 
 
-def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a PEFT adapter directory's config and tensors (safetensors only).
+def read_adapter_dir(
+    path: Path, max_weights_bytes: int | None = None, roots: tuple[Path, ...] | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a PEFT adapter directory's config and tensors (safetensors only), through `read_adapter_files`.
+
+    Args:
+        path: the adapter directory.
+        max_weights_bytes: the largest weights file read; None reads any size.
+        roots: directories it (and every file it links to) must lie inside; None trusts any place.
 
     Raises:
         AdapterNotFound: the directory or its config is missing.
+        AdapterTooLarge: the weights are over `max_weights_bytes`.
+        Forbidden: the directory or a file it links to is outside `roots`.
         AdapterInvalid: the weights are pickled, missing or malformed.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterNotFound(f"adapter directory {path} does not exist")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterNotFound(f"{path} has no {CONFIG_FILE}")
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        pickled = [name for name in PICKLE_FILES if (path / name).exists()]
-        if pickled:
-            raise AdapterMalformed(
-                f"{path} holds {pickled[0]}, a pickle file; loraplex reads safetensors only "
-                "(save with safe_serialization=True)"
-            )
-        raise AdapterMalformed(f"{path} has no {WEIGHTS_FILE}")
-    return parse_config(config_path.read_bytes()), parse_weights(weights_path.read_bytes())
+    files = read_adapter_files(path, roots, max_weights_bytes, with_chat_template=False)
+    return parse_config(files.config), parse_weights(files.weights)
 
 
 def load_adapter(

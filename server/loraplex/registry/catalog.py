@@ -22,7 +22,8 @@ from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterExists, AdapterNotFound, AdapterTooLarge, Forbidden, RequestInvalid
 from loraplex.merging import merge_adapters
 from loraplex.registry.adapter import LoraAdapter, parse_config, parse_weights, read_adapter_dir
-from loraplex.registry.store import AdapterStore, check_name, read_chat_template
+from loraplex.registry.adapter_files import read_adapter_files
+from loraplex.registry.store import AdapterStore, check_name
 from loraplex.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class AdapterCatalog:
         store: keeps uploaded adapters on disk.
         reserved_names: names no adapter may take (the served base model's).
         max_adapter_bytes: the largest weights file accepted.
-        lora_roots: directories `load_path` may read from (symlinks are resolved first).
+        lora_roots: directories `load_path` may read from (what is opened must lie inside one).
         on_registered: called with (source, seconds) after each adapter is read, validated and
             registered; source is `store`, `upload` or `path`.
     """
@@ -112,10 +113,12 @@ class AdapterCatalog:
                 continue
             started = time.perf_counter()
             try:
-                adapter = self._engine.load_adapter(stored.name, stored.path)
+                config, tensors = read_adapter_dir(stored.path, self._max_bytes)
+                adapter = self._engine.validate_adapter(stored.name, config, tensors)
             except Exception as exc:  # one bad directory must not keep the server from starting
                 problems.append((stored.name, str(exc)))
                 continue
+            self._engine.register_adapter(adapter)
             self._records[stored.name] = AdapterRecord(
                 adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template
             )
@@ -232,21 +235,30 @@ class AdapterCatalog:
         return record
 
     def load_path(self, name: str, path: str, principal: Principal) -> AdapterRecord:
-        """Serve the PEFT directory at `path` (inside an allowed root) as a shared adapter, for this run."""
+        """Serve the PEFT directory at `path` (inside an allowed root) as a shared adapter, for this run.
+
+        The directory and every file it links to must lie inside the roots, as opened (see
+        adapter_files.py); the weights are bounded by `max_adapter_bytes`, as uploads are.
+
+        Raises:
+            RequestInvalid: a bad name, or `path` is empty, holds a NUL byte or is not UTF-8.
+            Forbidden: not an admin, or the directory (or a file it links to) is outside the roots.
+            AdapterNotFound: no such directory, or it has no adapter_config.json.
+            AdapterTooLarge: the weights are over the size limit.
+            AdapterMalformed / AdapterInvalid: the files cannot be read / served on this base.
+            AdapterExists: an adapter of that name is loaded.
+        """
         principal.require_admin()
         check_name(name)
         if name in self._reserved:
             raise RequestInvalid(f"{name!r} is the base model's name; pick another adapter name", param="lora_name")
-        resolved = Path(path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self._roots):
-            raise Forbidden(f"lora_path {path!r} is outside the allowed adapter roots")
         started = time.perf_counter()
-        config, tensors = read_adapter_dir(resolved)
-        adapter = self._engine.validate_adapter(name, config, tensors)
+        files = read_adapter_files(path, self._roots, self._max_bytes, param="lora_path")
+        adapter = self._engine.validate_adapter(name, parse_config(files.config), parse_weights(files.weights))
         with self._lock:
             if name in self._records:
                 raise AdapterExists(f"adapter {name!r} is already loaded")
-            record = AdapterRecord(adapter, None, time.time(), "path", resolved, read_chat_template(resolved))
+            record = AdapterRecord(adapter, None, time.time(), "path", files.path, files.chat_template)
             self._engine.register_adapter(adapter)
             self._records[name] = record
         self._on_registered("path", time.perf_counter() - started)

@@ -37,13 +37,13 @@ from loraplex.errors import (
     RequestInvalid,
 )
 from loraplex.registry.adapter import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.registry.adapter_files import CHAT_TEMPLATE_FILE, read_chat_template, read_small_file
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METADATA_FILE = "loraplex.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+MAX_METADATA_BYTES = 64 << 10
 
 _STAGING = ".staging"
 _REPLACED = ".replaced"
@@ -64,38 +64,6 @@ def check_name(name: str) -> None:
             f"adapter name {name!r} is invalid: use 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-', "
             "starting with a letter or digit"
         )
-
-
-def read_chat_template(path: Path) -> str | None:
-    """The chat template an adapter directory ships, if any.
-
-    Args:
-        path: an adapter directory.
-
-    Returns:
-        The text of `chat_template.jinja`; else `tokenizer_config.json`'s "chat_template" when it is a
-        string; else None.
-
-    Raises:
-        OSError: a template file exists but cannot be read.
-        AdapterMalformed: `chat_template.jinja` is not UTF-8, or `tokenizer_config.json` is not JSON.
-    """
-    path = Path(path)
-    template_path = path / CHAT_TEMPLATE_FILE
-    if template_path.is_file():
-        try:
-            return template_path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise AdapterMalformed(f"{CHAT_TEMPLATE_FILE} is not UTF-8 text: {exc}") from None
-    tokenizer_config_path = path / TOKENIZER_CONFIG_FILE
-    if not tokenizer_config_path.is_file():
-        return None
-    try:
-        tokenizer_config = json.loads(tokenizer_config_path.read_bytes())
-    except ValueError as exc:
-        raise AdapterMalformed(f"{TOKENIZER_CONFIG_FILE} is not valid JSON: {exc}") from None
-    template = tokenizer_config.get("chat_template") if isinstance(tokenizer_config, dict) else None
-    return template if isinstance(template, str) else None
 
 
 @dataclass(frozen=True)
@@ -313,7 +281,7 @@ def _read_metadata(path: Path) -> tuple[str | None, float]:
     if not metadata_path.exists():
         return None, (path / CONFIG_FILE).stat().st_mtime
     try:
-        metadata = json.loads(metadata_path.read_bytes())
+        metadata = json.loads(read_small_file(metadata_path, MAX_METADATA_BYTES))
     except ValueError as exc:
         raise AdapterMalformed(f"{METADATA_FILE} is not valid JSON: {exc}") from None
     owner = metadata.get("owner") if isinstance(metadata, dict) else None
