@@ -99,7 +99,9 @@ class _Stream:
             record.status, record.error = "error", "the stream ended without [DONE]"
 
 
-async def send(client: httpx.AsyncClient, config: ClientConfig, spec: RequestSpec, clock_start: float, scheduled: float) -> RequestRecord:
+async def send(
+    client: httpx.AsyncClient, config: ClientConfig, spec: RequestSpec, clock_start: float, sent: float, scheduled: float
+) -> RequestRecord:
     """Send `spec` as a streamed completion and record how it went; never raises for server faults.
 
     Cancelling the task running it ends the request and returns its record marked `cancelled`.
@@ -109,13 +111,14 @@ async def send(client: httpx.AsyncClient, config: ClientConfig, spec: RequestSpe
         config: the run's client settings.
         spec: the request to send.
         clock_start: the run's origin on `time.monotonic()`.
+        sent: offset at which the caller sends it, on the clock reading it checked the time bound with.
         scheduled: offset at which the request was due.
     """
     record = RequestRecord(
         index=spec.index,
         adapter=spec.model,
         scheduled=scheduled,
-        sent=time.monotonic() - clock_start,
+        sent=sent,
         prompt_tokens=spec.prompt_tokens,
         max_tokens=spec.max_tokens,
     )

@@ -21,11 +21,12 @@ Observer = Callable[[RequestRecord], None]
 
 
 class _Run:
-    """Bookkeeping shared by both loops: the clock, the deadline, the records, the progress bar."""
+    """Bookkeeping shared by both loops: the clock, the time bound, the records, the progress bar."""
 
     def __init__(self, client_config: ClientConfig, max_seconds: float, on_record: Observer):
         self.config = client_config
         self.start = time.monotonic()
+        self.max_seconds = max_seconds
         self.deadline = self.start + max_seconds
         self.records: list[RequestRecord] = []
         self.on_record = on_record
@@ -33,13 +34,29 @@ class _Run:
     def now(self) -> float:
         return time.monotonic() - self.start
 
-    def expired(self) -> bool:
-        return time.monotonic() >= self.deadline
+    def expired(self, offset: float | None = None) -> bool:
+        """Whether `offset` (now, when None) is at or past the time bound."""
+        return (self.now() if offset is None else offset) >= self.max_seconds
 
-    async def one(self, client: httpx.AsyncClient, spec: RequestSpec, scheduled: float) -> None:
-        record = await send(client, self.config, spec, self.start, scheduled)
+    async def one(self, client: httpx.AsyncClient, spec: RequestSpec, scheduled: float | None = None) -> bool:
+        """Send `spec` and record it, unless the time bound has passed; whether it was sent.
+
+        The bound is checked here, as the request goes out (a task may start well after it was
+        created), on the same clock reading that becomes the record's `sent`: no request is sent at
+        or after the bound.
+
+        Args:
+            client: the run's HTTP client.
+            spec: the request.
+            scheduled: offset at which it was due; None means now (closed loop).
+        """
+        sent = self.now()
+        if self.expired(sent):
+            return False
+        record = await send(client, self.config, spec, self.start, sent, sent if scheduled is None else scheduled)
         self.records.append(record)
         self.on_record(record)
+        return True
 
     def duration(self) -> float:
         """From the first send to the last end (a cancelled request ends at the time bound)."""
@@ -65,11 +82,13 @@ async def open_loop(run: _Run, client: httpx.AsyncClient, specs: list[RequestSpe
     """Send each request at its arrival offset, whether or not earlier ones have finished."""
     tasks: set[asyncio.Task] = set()
     for spec in specs:
-        delay = run.start + spec.arrival - time.monotonic()
-        if run.start + spec.arrival >= run.deadline:
+        if run.expired(spec.arrival):
             break
+        delay = spec.arrival - run.now()
         if delay > 0:
             await asyncio.sleep(delay)
+        if run.expired():  # woke at or after the bound
+            break
         tasks.add(asyncio.create_task(run.one(client, spec, spec.arrival)))
     await _cancel_at_deadline(run, tasks)
 
@@ -80,9 +99,8 @@ async def closed_loop(run: _Run, client: httpx.AsyncClient, specs: list[RequestS
 
     async def worker() -> None:
         for spec in queue:  # the shared iterator hands each spec to exactly one worker
-            if run.expired():
+            if not await run.one(client, spec):
                 return
-            await run.one(client, spec, run.now())
 
     await _cancel_at_deadline(run, {asyncio.create_task(worker()) for _ in range(concurrency)})
 

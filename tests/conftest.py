@@ -12,6 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from tiny import make_adapter, make_model
 
+# One torch intra-op thread unless OMP_NUM_THREADS says otherwise, here and in every subprocess
+# (serve, the CLI): the tiny models gain nothing from more, and on a shared 2-core machine OpenMP
+# threads spin-waiting for a descheduled peer made the demo's scoring 3-13x slower (the 600 s
+# timeout of a loaded CI run).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Adapters that differ in rank, targets and scaling rules, as tenants' adapters do.
 ADAPTER_SPECS = {
     "r4-qv": dict(rank=4, targets=("q_proj", "v_proj"), seed=1),

@@ -5,6 +5,7 @@ differs, so tests can also look at its engine directly. Subprocess tests (signal
 `loraplex serve` itself.
 """
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -67,3 +68,13 @@ def upload(client, name: str, adapter_dir: Path, **fields):
     }
     data = {"name": name, **{key: str(value).lower() if isinstance(value, bool) else value for key, value in fields.items()}}
     return client.post("/v1/adapters", files=files, data=data)
+
+
+def cli_env(**variables: str) -> dict[str, str]:
+    """A small environment for `loraplex` subprocesses: PATH, the thread count, and `variables`.
+
+    OMP_NUM_THREADS is kept (conftest sets it to 1): on a shared 2-core machine, a subprocess
+    with two spinning torch threads ran several times slower than with one.
+    """
+    return {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **variables}
+

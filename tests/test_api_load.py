@@ -260,12 +260,14 @@ def test_client_that_goes_away_cancels_its_request_and_frees_kv_and_slot(server,
 
 @pytest.mark.parametrize("path", ["/health", "/metrics"])
 def test_endpoint_answers_promptly_while_the_engine_is_busy(server, client, path):
+    # Promptly means within the engine's work, not within a wall-clock budget: all ten calls
+    # answer while the four 2,000-token requests, each past its first token, are still running.
     with long_streams(client, 4):
         for _ in range(10):
             started = time.monotonic()
             response = client.get(path)
             assert response.status_code == 200
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < DEADLINE
         assert server.engine.snapshot.num_running == 4  # the load lasted through every call
 
 

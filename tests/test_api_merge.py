@@ -19,7 +19,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from live_server import LiveServer, server_config, upload
+from live_server import LiveServer, cli_env, server_config, upload
 from loraplex.export import module_shapes, tensor_shapes, weight_files
 from loraplex.merging import merge_adapters
 from loraplex.registry.adapter import read_adapter_dir
@@ -57,7 +57,7 @@ def server(llama, tmp_path_factory):
 
 
 def client_for(server: LiveServer, key: str) -> httpx.Client:
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
 
 
 def peft_greedy(llama, adapter_dir: Path) -> list[int]:
@@ -146,9 +146,9 @@ def test_loraplex_merge_writes_a_shared_adapter_into_the_store(llama, tmp_path):
     loraplex = str(Path(sys.executable).with_name("loraplex"))
     command = [loraplex, "merge", "--model", str(llama.model_dir), "--store", str(store), "--adapters", "r4-qv,r8-attn",
                "--weights", "0.5,0.5", "--method", "cat", "--out", "both"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=cli_env(COLUMNS="300"))
     assert result.returncode == 0, result.stderr
     assert "rank 12" in result.stderr
     assert json.loads((store / "both" / "adapter_config.json").read_text())["r"] == 12
-    refused = subprocess.run([*command[:-1], "both"], capture_output=True, text=True, timeout=120, env={"COLUMNS": "300"})
+    refused = subprocess.run([*command[:-1], "both"], capture_output=True, text=True, timeout=300, env=cli_env(COLUMNS="300"))
     assert refused.returncode == 2 and "exists" in refused.stderr

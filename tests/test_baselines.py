@@ -27,6 +27,7 @@ from loadtest.baselines.mixed import MixedWorker
 from loadtest.baselines.peft_model import generate_streaming, load_peft, remove_stale_routing_hooks, take_over_eos
 from loadtest.baselines.request import Request, RowLimits
 from loadtest.checkpoints import make_adapters
+from test_serve_process import STARTUP_SECONDS
 from tiny import make_adapter, make_model
 
 BASE = "tiny-base"
@@ -115,7 +116,7 @@ def naive_url(checkpoint):
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     try:
-        ready = lines.get(timeout=120)
+        ready = lines.get(timeout=STARTUP_SECONDS)  # it loads 64 adapters into PEFT first
         assert ready.startswith(f"serving {NUM_ADAPTERS} adapters on http://127.0.0.1:")
         yield ready.split()[-1]
     finally:

@@ -16,6 +16,7 @@ import pytest
 import typer
 from pydantic_core import PydanticUndefined
 
+from live_server import cli_env
 from loraplex.cli import PLAN_ENGINE_FIELDS, app, serve_config
 from loraplex.cli_options import OptionError
 from loraplex.config import EngineConfig, ServerConfig
@@ -64,7 +65,7 @@ def test_generate_prints_the_adapters_greedy_completion(llama):
     result = subprocess.run(
         [LORAPLEX, "generate", "--model", str(llama.model_dir), "--adapter", str(adapter),
          "--prompt", "name: Ada, city: Paris", "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True, text=True, timeout=300, check=True,
     )
     engine = Engine(EngineConfig(model=str(llama.model_dir)))
     engine.load_adapter(adapter.name, adapter)
@@ -77,7 +78,7 @@ def test_generate_prints_the_adapters_greedy_completion(llama):
 def test_generate_reports_a_bad_model_directory(tmp_path):
     result = subprocess.run(
         [LORAPLEX, "generate", "--model", str(tmp_path), "--prompt", "hi"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "config.json is missing" in result.stderr
@@ -88,8 +89,8 @@ def test_serve_has_a_flag_for_every_config_field_but_enable_lora_and_engine():
 
 
 def test_serve_help_shows_each_flag_its_variable_and_the_configs_default():
-    result = subprocess.run([LORAPLEX, "serve", "--help"], capture_output=True, text=True, timeout=120, check=True,
-                            env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run([LORAPLEX, "serve", "--help"], capture_output=True, text=True, timeout=300, check=True,
+                            env=cli_env(COLUMNS="400"))
     rows = {line.strip("│ ").split(" ")[0]: line for line in result.stdout.splitlines() if line.strip("│ ").startswith("--")}
     for name in SERVE_FIELDS:
         field = (EngineConfig if name in EngineConfig.model_fields else ServerConfig).model_fields[name]
@@ -140,7 +141,7 @@ def test_serve_refuses_a_value_outside_the_configs_bounds_naming_the_flag(tmp_pa
 
 def test_serve_exits_2_on_an_out_of_bounds_flag(tmp_path):
     result = subprocess.run(
-        [LORAPLEX, "serve", "--model", str(tmp_path), "--max-loras", "0"], capture_output=True, text=True, timeout=120
+        [LORAPLEX, "serve", "--model", str(tmp_path), "--max-loras", "0"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 2
     assert "--max-loras 0: Input should be greater than or equal to 1" in result.stderr
@@ -183,7 +184,7 @@ def test_serve_reports_a_bad_api_keys_file_and_exits(llama, tmp_path):
     keys.write_text('[[keys]]\nkey = "short"\ntenant = "acme"\n')
     result = subprocess.run(
         [LORAPLEX, "serve", "--model", str(llama.model_dir), "--api-keys", str(keys), "--adapters", str(tmp_path / "a")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "at least 8 characters" in result.stderr and "short" not in result.stderr.replace("key = ", "")
@@ -192,7 +193,7 @@ def test_serve_reports_a_bad_api_keys_file_and_exits(llama, tmp_path):
 def test_plan_prints_every_figure_from_the_config_alone(llama):
     result = subprocess.run(
         [LORAPLEX, "plan", "--model", str(llama.model_dir / "config.json"), "--dtype", "float32", "--max-loras", "4"],
-        capture_output=True, text=True, timeout=120, check=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=300, check=True, env=cli_env(COLUMNS="200"),
     )  # fmt: skip
     for label in ("base weights", "KV cache", "adapter slots", "host memory per adapter", "full finetune", "LoRA finetune"):
         assert label in result.stdout
@@ -201,7 +202,7 @@ def test_plan_prints_every_figure_from_the_config_alone(llama):
 def test_plan_reports_a_missing_model(tmp_path):
     result = subprocess.run(
         [LORAPLEX, "plan", "--model", str(tmp_path / "absent")],
-        capture_output=True, text=True, timeout=120, env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=300, env=cli_env(COLUMNS="300"),
     )  # fmt: skip
     assert result.returncode == 2
     assert "does not exist" in result.stderr
@@ -212,10 +213,10 @@ def test_export_writes_a_checkpoint_from_a_store_adapter_and_refuses_to_overwrit
     store.mkdir()
     (store / "acme").symlink_to(llama.adapter_dirs["r4-qv"], target_is_directory=True)
     command = [LORAPLEX, "export", "--model", str(llama.model_dir), "--adapters", str(store), "--adapter", "acme"]
-    wide = {"COLUMNS": "300", "PATH": "/usr/bin:/bin"}  # rich wraps at the terminal width
-    first = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=wide)
+    wide = cli_env(COLUMNS="300")  # rich wraps at the terminal width
+    first = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=wide)
     assert first.returncode == 0, first.stderr
     assert "merged acme into 4 weights" in first.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {path.name for path in (tmp_path / "out").iterdir()}
-    again = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=wide)
+    again = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=wide)
     assert again.returncode == 2 and "not empty" in again.stderr

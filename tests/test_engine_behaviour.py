@@ -218,6 +218,15 @@ def test_async_streams_and_cancel_on_early_exit(llama):
     prompt = prompt_of(6, 13)
     expected = alone(engine, prompt, "r4-qv", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
 
+    endings = {}  # request id -> finish reason, as the engine thread ends each request
+    observe_finished = engine.observer.finished
+
+    def finished(request, now: float) -> None:
+        endings[request.request_id] = request.finish_reason
+        observe_finished(request, now)
+
+    engine.observer.finished = finished
+
     async def scenario():
         full = engine.submit(prompt, "r4-qv", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
         partial = engine.submit(prompt, "r16-mlp", SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
@@ -225,18 +234,17 @@ def test_async_streams_and_cancel_on_early_exit(llama):
         async for _ in partial:
             break
         await partial.aclose()
-        for _ in range(100):  # the cancel lands at the next step boundary
-            if not engine.scheduler.has_work():
-                break
+        while partial.request_id not in endings:  # the cancel lands at the next step boundary
             await asyncio.sleep(0.02)
-        return tokens
+        return tokens, endings[partial.request_id]
 
     engine.start()
     try:
-        tokens = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+        tokens, partial_ending = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
         engine.stop()
     assert tokens == expected
+    assert partial_ending == FinishReason.ABORT  # cancelled, not run to its 500 tokens
     assert not engine.scheduler.has_work()
     assert engine.kv_cache.allocator.usage == 0
     assert engine.slots.refcount(engine.adapters["r16-mlp"]) == 0

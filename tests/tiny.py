@@ -89,7 +89,7 @@ def make_adapter(
     model_dir: Path,
     path: Path,
     rank: int = 8,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj"),
     seed: int = 0,
     alpha: float | None = None,
     use_rslora: bool = False,
@@ -100,7 +100,7 @@ def make_adapter(
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,
-        target_modules=list(targets),
+        target_modules=targets if isinstance(targets, str) else list(targets),  # a str is PEFT's regex or all-linear
         use_rslora=use_rslora,
         lora_dropout=0.0,
         **config_fields,

@@ -18,6 +18,7 @@ import uvicorn
 from loraplex.api.app import create_app
 from loraplex.api.auth import ApiKeys
 from loraplex.api.chat_template import ChatTemplateRenderer
+from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.services import Services
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
@@ -46,12 +47,15 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
     metrics = Metrics(lambda: engine.snapshot, config.metrics_compat, config.model_name)
     engine.observer = metrics
     store = AdapterStore(config.adapters)
-    catalog = AdapterCatalog(
-        engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots, metrics.adapter_registered
-    )
-    problems = catalog.load_store() if load_store and engine.config.enable_lora else []
     chat_templates = ChatTemplateRenderer(config.chat_template_timeout)
-    return Services(config, engine, catalog, keys, metrics, chat_templates), problems
+    special_tokens = engine.base.tokenizer.special_tokens_map
+    catalog = AdapterCatalog(
+        engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots,
+        metrics.adapter_registered, lambda template: chat_templates.check(template, special_tokens),
+    )  # fmt: skip
+    problems = catalog.load_store() if load_store and engine.config.enable_lora else []
+    prompts = PromptEncoder(engine.base.tokenizer, engine.max_model_len)
+    return Services(config, engine, catalog, keys, metrics, chat_templates, prompts), problems
 
 
 def merged_engine(config: ServerConfig) -> Engine:

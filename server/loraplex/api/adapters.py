@@ -15,14 +15,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from loraplex.api.auth import caller
+from loraplex.api.json_body import StrictJsonRoute
+from loraplex.api.response_models import AdapterDeleted, AdapterList, AdapterRecord, errors
 from loraplex.api.schemas import LoadLoraRequest, MergeRequest, UnloadLoraRequest
 from loraplex.api.services import Services, services
 from loraplex.errors import RequestInvalid
 from loraplex.tenancy import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJsonRoute)
 
-_FIELDS = {"name", "config", "weights", "chat_template", "overwrite", "shared"}
+_STORED = {
+    201: {"model": AdapterRecord, "description": "Stored and served under a new name."},
+    200: {"model": AdapterRecord, "description": "Replaced the adapter of that name (overwrite true)."},
+}
+_NOT_FOUND = "No adapter of that name, or another tenant's."
+_TEXT = {"content": {"text/plain": {"schema": {"type": "string", "pattern": "^Success: "}}}}
+
+FORM_FIELDS = {"name", "config", "weights", "chat_template", "overwrite", "shared"}
 
 
 def _flag(form, name: str) -> bool:
@@ -48,13 +57,31 @@ async def _file(form, name: str, required: bool) -> bytes | None:
         raise RequestInvalid(f"the form field {name!r} is not valid UTF-8 text", param=name) from None
 
 
-@router.post("/v1/adapters")
+@router.post(
+    "/v1/adapters",
+    status_code=201,
+    response_model=None,
+    responses={
+        **_STORED,
+        **errors(
+            {
+                400: "The form is not multipart/form-data, a field is missing, repeated or unknown, the name is invalid "
+                "or the base model's, or the files cannot be read (not JSON, not safetensors).",
+                403: "A shared adapter asked for, or replaced, by a non-admin.",
+                409: "The name is taken and overwrite is not true (or the adapter was loaded from a path).",
+                413: "The weights are over --max-adapter-bytes.",
+                422: "The adapter does not fit the base model (targets, shapes, rank over --max-lora-rank), or its "
+                "chat template cannot render.",
+            }
+        ),
+    },
+)
 async def upload_adapter(request: Request, svc: Services = Depends(services), principal: Principal = Depends(caller)):
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestInvalid("upload adapters as multipart/form-data with fields name, config and weights")
     async with request.form(max_files=3, max_fields=8) as form:  # the gate bounds the body's size
         keys = [key for key, _ in form.multi_items()]
-        unknown = set(keys) - _FIELDS
+        unknown = set(keys) - FORM_FIELDS
         if unknown:
             raise RequestInvalid(f"unknown form fields: {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
         repeated = sorted({key for key in keys if keys.count(key) > 1})
@@ -77,7 +104,25 @@ async def upload_adapter(request: Request, svc: Services = Depends(services), pr
     return JSONResponse(record.describe(), status_code=200 if replaced else 201)
 
 
-@router.post("/v1/adapters/merge")
+@router.post(
+    "/v1/adapters/merge",
+    status_code=201,
+    response_model=None,
+    responses={
+        **_STORED,
+        **errors(
+            {
+                400: "The body is invalid, the name is invalid or the base model's, or the adapters cannot be merged "
+                "this way (weights, density or rank for the method; targets, layers or ranks that differ).",
+                403: "A tenant named a shared adapter, or a shared adapter of the new name exists.",
+                404: "A source adapter does not exist, or is another tenant's.",
+                409: "The name is taken and overwrite is not true.",
+                413: "The merged weights are over --max-adapter-bytes.",
+                422: "The merged adapter does not fit the base model (e.g. a rank over --max-lora-rank).",
+            }
+        ),
+    },
+)
 async def merge_adapters(body: MergeRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)):
     record, replaced = await run_in_threadpool(
         svc.catalog.merge, body.name, body.adapters, body.weights, body.method, principal,
@@ -86,23 +131,54 @@ async def merge_adapters(body: MergeRequest, svc: Services = Depends(services), 
     return JSONResponse(record.describe(), status_code=200 if replaced else 201)
 
 
-@router.get("/v1/adapters")
+@router.get(
+    "/v1/adapters",
+    response_model=None,
+    responses={200: {"model": AdapterList, "description": "The adapters the caller may use."}},
+)
 def list_adapters(svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
     return {"object": "list", "data": [record.describe() for record in svc.catalog.visible_to(principal)]}
 
 
-@router.get("/v1/adapters/{name}")
+@router.get(
+    "/v1/adapters/{name}",
+    response_model=None,
+    responses={200: {"model": AdapterRecord, "description": "The adapter."}, **errors({404: _NOT_FOUND})},
+)
 def get_adapter(name: str, svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
     return svc.catalog.get(name, principal).describe()
 
 
-@router.delete("/v1/adapters/{name}")
+@router.delete(
+    "/v1/adapters/{name}",
+    response_model=None,
+    responses={
+        200: {"model": AdapterDeleted, "description": "No longer offered; running requests finish on it."},
+        **errors({403: "The adapter is shared; only admins may delete it.", 404: _NOT_FOUND}),
+    },
+)
 async def delete_adapter(name: str, svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
     await run_in_threadpool(svc.catalog.delete, name, principal)
     return {"id": name, "object": "adapter", "deleted": True}
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post(
+    "/v1/load_lora_adapter",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"description": "Loaded, shared, for this run.", **_TEXT},
+        **errors(
+            {
+                400: "The body is invalid, the name is invalid or the base model's, or the files cannot be read.",
+                403: "Not an admin, or the directory (or a file it links to) is outside --lora-roots.",
+                404: "No such directory, or it has no adapter_config.json.",
+                409: "An adapter of that name is loaded.",
+                413: "The weights are over --max-adapter-bytes.",
+                422: "The adapter does not fit the base model, or its chat template cannot render.",
+            }
+        ),
+    },
+)
 async def load_lora_adapter(
     body: LoadLoraRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)
 ) -> PlainTextResponse:
@@ -110,7 +186,20 @@ async def load_lora_adapter(
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post(
+    "/v1/unload_lora_adapter",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"description": "No longer offered; running requests finish on it.", **_TEXT},
+        **errors(
+            {
+                400: "The body is invalid, or the adapter lives in the store (DELETE /v1/adapters/{name} removes it).",
+                403: "Not an admin.",
+                404: _NOT_FOUND,
+            }
+        ),
+    },
+)
 async def unload_lora_adapter(
     body: UnloadLoraRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)
 ) -> PlainTextResponse:

@@ -3,17 +3,19 @@
 Owns: `create_app`, which wires the route modules to one `Services`, starts the engine loop when
 the app starts and stops it when the app stops, refuses new `/v1` work with 503 while the server
 drains, and serves `GET /health` and `GET /metrics` (both cheap: they read the engine's published
-snapshot and never wait for a step).
+snapshot and never wait for a step). What `/openapi.json` says is openapi.py's.
 """
 
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from loraplex.api import adapters, chat, completions, models
 from loraplex.api.errors import install_error_handlers
 from loraplex.api.gate import RequestGate
+from loraplex.api.openapi import install_openapi
+from loraplex.api.response_models import Healthy, Unhealthy
 from loraplex.api.services import Services, services
 from loraplex.errors import ServerDraining
 from loraplex.metrics import INVALID, REJECTED
@@ -63,17 +65,29 @@ def create_app(svc: Services) -> FastAPI:
     for module in (completions, chat, models, adapters):
         app.include_router(module.router, dependencies=admitted)
 
-    @app.get("/health")
-    def health() -> Response:
+    @app.get(
+        "/health",
+        response_model=None,
+        responses={
+            200: {"model": Healthy, "description": "The engine loop runs and the server takes requests."},
+            503: {"model": Unhealthy, "description": "Draining, or the engine loop is not running (no Retry-After)."},
+        },
+    )
+    async def health() -> Response:  # on the event loop: no thread-pool hop, nothing to wait for
         if svc.engine.alive and not svc.draining:
             return JSONResponse({"status": "ok"})
         failure = svc.engine.failure
         reason = "draining" if svc.draining else f"engine stopped: {failure}" if failure else "engine loop not running"
         return JSONResponse({"status": reason}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     def metrics() -> Response:
         body, content_type = svc.metrics.render()
         return Response(body, media_type=content_type)
 
+    install_openapi(app, svc)
     return app

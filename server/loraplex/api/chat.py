@@ -13,7 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from loraplex.api.auth import caller
 from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.api.generation import Choice, Generation
-from loraplex.api.models import resolve_model
+from loraplex.api.json_body import StrictJsonRoute
+from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
+from loraplex.api.prompt_encoder import PromptEncoder
+from loraplex.api.response_models import ChatCompletion, ChatCompletionChunk, errors, generated
 from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage
 from loraplex.api.schemas import ChatCompletionRequest
 from loraplex.api.services import Services, services
@@ -22,13 +25,14 @@ from loraplex.errors import RequestInvalid
 from loraplex.registry.catalog import AdapterRecord
 from loraplex.tenancy import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJsonRoute)
 
 
 def render_prompt(
-    body: ChatCompletionRequest, record: AdapterRecord | None, tokenizer, renderer: ChatTemplateRenderer
+    body: ChatCompletionRequest, record: AdapterRecord | None, encoder: PromptEncoder, renderer: ChatTemplateRenderer
 ) -> list[int]:
     """The prompt's token ids: messages through the adapter's template, else the tokenizer's."""
+    tokenizer = encoder.tokenizer
     template = record.chat_template if record is not None else None
     if template is None:
         if not getattr(tokenizer, "chat_template", None):
@@ -39,7 +43,7 @@ def render_prompt(
             raise RequestInvalid(f"this model's chat template cannot be chosen: {exc}", param="messages") from None
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     text = renderer.render(template, messages, body.add_generation_prompt, tokenizer.special_tokens_map)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = encoder.encode(text, "messages", "the rendered prompt", add_special_tokens=False)
     if not ids:
         raise RequestInvalid("the rendered prompt is empty", param="messages")
     return ids
@@ -105,7 +109,22 @@ def _choice_json(choice: Choice, body: ChatCompletionRequest, tokenizer) -> dict
     }
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={
+        200: generated(ChatCompletion, ChatCompletionChunk),
+        **errors(
+            {
+                400: "The body is invalid (the message names the field), the chat template fails or is missing, the "
+                "rendered prompt is too long for the context, or a parameter is not supported.",
+                404: MODEL_NOT_FOUND,
+                429: "The queue is full (--max-queue); retry later.",
+                503: "The engine is not running, or the request was cut by an engine failure or a shutdown.",
+            }
+        ),
+    },
+)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     http_request: Request,
@@ -115,7 +134,7 @@ async def create_chat_completion(
     body.check_supported()
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
-    prompt = await run_in_threadpool(render_prompt, body, record, tokenizer, svc.chat_templates)  # off the loop
+    prompt = await run_in_threadpool(render_prompt, body, record, svc.prompts, svc.chat_templates)  # off the loop
     params = _params(body, prompt, svc.engine.max_model_len)
     generation = Generation(svc, principal.tenant, record and record.adapter, [prompt], params)
     generation.start(http_request)

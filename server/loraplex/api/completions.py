@@ -12,7 +12,10 @@ from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
 from loraplex.api.generation import Choice, Generation
-from loraplex.api.models import resolve_model
+from loraplex.api.json_body import StrictJsonRoute
+from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
+from loraplex.api.prompt_encoder import PromptEncoder
+from loraplex.api.response_models import Completion, CompletionChunk, errors, generated
 from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage
 from loraplex.api.schemas import CompletionRequest
 from loraplex.api.services import Services, services
@@ -20,10 +23,10 @@ from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
 from loraplex.errors import RequestInvalid
 from loraplex.tenancy import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJsonRoute)
 
 
-def _prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
+def _prompts(body: CompletionRequest, encoder: PromptEncoder) -> list[list[int]]:
     prompt = body.prompt
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -33,11 +36,13 @@ def _prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
         prompts = list(prompt)
     if isinstance(prompts[0], list):
         return [list(ids) for ids in prompts]
-    encoded = [tokenizer(text)["input_ids"] for text in prompts]
-    for index, ids in enumerate(encoded):
+    encoded = []
+    for index, text in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+        ids = encoder.encode(text, "prompt", where)
         if not ids:
-            where = "prompt" if len(encoded) == 1 else f"prompt[{index}]"
             raise RequestInvalid(f"{where} is empty", param="prompt")
+        encoded.append(ids)
     return encoded
 
 
@@ -132,7 +137,22 @@ def _choice_json(choice: Choice, echo: _Echo, body: CompletionRequest, tokenizer
     return {"index": choice.index, "text": prompt_text + text, "logprobs": block, "finish_reason": reason}
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={
+        200: generated(Completion, CompletionChunk),
+        **errors(
+            {
+                400: "The body is invalid (the message names the field), a prompt is too long for the context, "
+                "a parameter is not supported, or the request has more choices than the queue holds.",
+                404: MODEL_NOT_FOUND,
+                429: "The queue is full (--max-queue); retry later.",
+                503: "The engine is not running, or the request was cut by an engine failure or a shutdown.",
+            }
+        ),
+    },
+)
 async def create_completion(
     body: CompletionRequest,
     http_request: Request,
@@ -142,7 +162,7 @@ async def create_completion(
     body.check_supported()
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
-    prompts = await run_in_threadpool(_prompts, body, tokenizer)  # long prompts must not stall the loop
+    prompts = await run_in_threadpool(_prompts, body, svc.prompts)  # long prompts must not stall the loop
     echo = _Echo(body, tokenizer)
     params = _params(body, prompts, svc.engine.max_model_len)
     adapter = record and record.adapter

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from loraplex.errors import (
     AdapterExists,
@@ -71,9 +72,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    # A value refused outright (a lone surrogate) says more than the union shapes it also failed.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('msg')}", None
+        problem = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return f"the request body is not valid JSON: {problem}", None
     location = [part for part in first.get("loc", ()) if part != "body"]
     if not location:
         return f"the request body must be a JSON object: {first.get('msg', 'invalid value')}", None
@@ -82,7 +85,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "extra_forbidden":
         return f"unknown field {path!r}", path
     same_field = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == [location[0]]]
-    if len(same_field) > 1 and len({str(e["loc"][-1]) for e in same_field}) > 1:
+    if first.get("type") != "value_error" and len(same_field) > 1 and len({str(e["loc"][-1]) for e in same_field}) > 1:
         # Every shape of a union field failed: name the field and the shapes it accepts.
         return f"{param} has an invalid type or value; {_SHAPES.get(param, 'see the API reference')}", param
     return f"{path}: {first.get('msg', 'invalid value')}", path
@@ -123,7 +126,23 @@ def install_error_handlers(app: FastAPI, retry_after: int, on_refused: Callable[
         if isinstance(exc.__cause__, RecursionError):
             message = "the request body is nested too deeply to parse"
         code = getattr(exc, "code", None)
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         on_refused(request, exc.status_code)
-        return JSONResponse(
-            error_body(message, error_type, code=code), status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        return JSONResponse(error_body(message, error_type, code=code), status_code=exc.status_code, headers=headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: the 405's own `Allow` names only the first
+    matching route's, so GET on a path that also takes POST from another route went missing."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)

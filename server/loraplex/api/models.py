@@ -8,11 +8,15 @@ version or None for the base model. Unknown and other tenants' adapters are the 
 from fastapi import APIRouter, Depends
 
 from loraplex.api.auth import caller
+from loraplex.api.json_body import StrictJsonRoute
+from loraplex.api.response_models import ModelList
 from loraplex.api.services import Services, services
 from loraplex.registry.catalog import AdapterRecord
 from loraplex.tenancy import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJsonRoute)
+
+MODEL_NOT_FOUND = "The model is neither the base model nor an adapter the caller may use (another tenant's is missing too)."
 
 
 def resolve_model(svc: Services, principal: Principal, model: str) -> AdapterRecord | None:
@@ -22,7 +26,7 @@ def resolve_model(svc: Services, principal: Principal, model: str) -> AdapterRec
     return svc.catalog.get(model, principal)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=None, responses={200: {"model": ModelList, "description": "The models."}})
 def list_models(svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
     base = svc.model_name
     created = int(svc.started)

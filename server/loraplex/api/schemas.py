@@ -3,8 +3,9 @@
 Owns: field names, types and bounds of every JSON body (OpenAI completions and chat, adapter
 merges, the vLLM-style adapter load/unload), so that malformed input is refused at the door with a
 400 that names the field. Every number is bounded to what the engine can hold (seeds to 64 bits,
-counts to 32 bits), every string and list in length, and every string must be valid Unicode (a
-lone surrogate cannot be tokenized or encoded back to UTF-8). Unknown fields are refused rather
+counts to 32 bits; a whole number written `2.0` is the integer 2), every string and list in
+length, and every string must be valid Unicode (a lone surrogate cannot be tokenized or encoded
+back to UTF-8). Unknown fields are refused rather
 than silently ignored. OpenAI parameters that loraplex does not implement are accepted only at
 their neutral value (e.g. `presence_penalty=0`), and refused otherwise with a message saying so;
 `check_supported` does that.
@@ -12,7 +13,7 @@ their neutral value (e.g. `presence_penalty=0`), and refused otherwise with a me
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from loraplex.errors import RequestInvalid
 from loraplex.merging import MAX_SEED, MERGE_METHODS
@@ -41,9 +42,18 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def _whole(value: object) -> object:
+    """A float without a fractional part (`2.0`) as the integer it is: JSON has one number type, and
+    JSON Schema's "integer" includes such numbers. Anything else is left for strict int validation."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WHOLE = BeforeValidator(_whole)  # after an int's Field, so its bounds stay JSON Schema's minimum/maximum
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
-TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1 << 20)]
 # Accepted by name, and only at the neutral value (see check_supported); the schema says so.
 Neutral = Annotated[float, Field(json_schema_extra={"minimum": 0, "maximum": 0})]
@@ -64,9 +74,9 @@ class _Sampling(_Strict):
     model: Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1, le=MAX_INT32)] = -1
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    seed: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_INT32), WHOLE] = -1
+    n: Annotated[int, Field(ge=1, le=MAX_N), WHOLE] = 1
+    seed: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64), WHOLE] | None = None
     stop: (
         Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
         | Annotated[list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
@@ -109,10 +119,10 @@ class CompletionRequest(_Sampling):
         | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     echo: bool = False
-    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N), WHOLE] | None = None
     suffix: Annotated[Text, Field(max_length=0)] | None = None
 
     def check_supported(self) -> None:
@@ -150,10 +160,10 @@ class ChatCompletionRequest(_Sampling):
     """`POST /v1/chat/completions`."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT32)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32), WHOLE] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT32), WHOLE] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
 
@@ -178,8 +188,8 @@ class MergeRequest(_Strict):
     weights: Annotated[list[Annotated[float, Field(ge=-MAX_MERGE_WEIGHT, le=MAX_MERGE_WEIGHT)]], Field(max_length=16)]
     method: Literal[MERGE_METHODS]
     density: Annotated[float, Field(gt=0, le=1)] | None = None
-    rank: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    rank: Annotated[int, Field(ge=1, le=1 << 16), WHOLE] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE] = 0
     overwrite: bool = False
 
 
@@ -194,4 +204,4 @@ class UnloadLoraRequest(_Strict):
     """vLLM's `POST /v1/unload_lora_adapter`."""
 
     lora_name: AdapterName
-    lora_int_id: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64)] | None = None
+    lora_int_id: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64), WHOLE] | None = None

@@ -12,6 +12,7 @@ from fastapi import Request
 
 from loraplex.api.auth import ApiKeys
 from loraplex.api.chat_template import ChatTemplateRenderer
+from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.config import ServerConfig
 from loraplex.engine.engine import Engine
 from loraplex.metrics import Metrics
@@ -26,6 +27,7 @@ class Services:
     keys: ApiKeys
     metrics: Metrics
     chat_templates: ChatTemplateRenderer
+    prompts: PromptEncoder
     draining: bool = False
     in_flight: int = 0  # generation requests being answered now
     started: float = field(default_factory=time.time)

@@ -8,13 +8,13 @@ take effect at the next step boundary, so the scheduler and the slots are only t
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from loraplex.engine.base_model import BaseModel, load_base_model
 from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
+from loraplex.engine.outputs import LiveRequest, OutputProcessor, Sink
 from loraplex.engine.request import (
     Completion,
     FinishReason,
@@ -31,9 +32,8 @@ from loraplex.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from loraplex.engine.runner import LogitRows, ModelRunner
-from loraplex.engine.sampling import sample, token_logprobs
-from loraplex.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
+from loraplex.engine.runner import ModelRunner
+from loraplex.engine.scheduler import Scheduler, SchedulerLimits
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import RequestStream
 from loraplex.engine.warmup import check_model_runs
@@ -43,19 +43,11 @@ from loraplex.registry.slots import SlotCache
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[TokenEvent], None]
 MAX_FAILED_STEPS = 3  # steps in a row that fail every request in them before the engine stops
 
 
 class EngineStopped(Exception):
     """The engine cannot go on (raised on its own thread, which then stops and reports why)."""
-
-
-@dataclass(eq=False)
-class _Live:
-    request: Request
-    detokenizer: Detokenizer
-    sink: Sink
 
 
 class Engine:
@@ -105,13 +97,17 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.adapters: dict[str, LoraAdapter] = {}
         self._retired: list[LoraAdapter] = []
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, LiveRequest] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._queued = 0  # requests added but never admitted yet (the bounded queue)
         self._queued_lock = threading.Lock()
+        self.outputs = OutputProcessor(
+            self.runner, self.null_slot, self.eos_ids, self.max_model_len, config.logprobs_mode == "raw_logits",
+            self._live, self._finish, lambda request, gap: self.observer.token(request, gap),
+        )  # fmt: skip
         self.num_steps = 0
         self._failed_steps = 0  # consecutive steps in which every request failed
         self.failure: str | None = None  # why the loop stopped, once it has
@@ -201,7 +197,7 @@ class Engine:
         request = Request(request_id or uuid.uuid4().hex, prompt_ids, adapter, params, generator)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = []
-        live = _Live(request, Detokenizer(self.base.tokenizer, prompt_ids, params.stop), sink or (lambda event: None))
+        live = LiveRequest(request, Detokenizer(self.base.tokenizer, prompt_ids, params.stop), sink or (lambda event: None))
         self._reserve_queue_place(bounded)  # last: nothing after it can fail, so no place is ever lost
         self._send("add", live)
         return request.request_id
@@ -273,10 +269,11 @@ class Engine:
     def step(self) -> None:
         """Schedule, run and post-process one iteration.
 
-        A failure that one request causes fails that request alone: a forward pass that raises is
-        retried one sequence at a time to find the culprits (the others lose nothing: their chunk
-        is simply recomputed next step), a request whose logits are not finite is failed, and an
-        error while sampling or post-processing one request fails only that request.
+        A failure one request causes fails that request alone. When the forward pass raises, or
+        gives some sequences non-finite logits, those sequences are run one by one
+        (`find_culprits`): the ones that fail alone are failed, naming what went wrong, and the
+        others lose nothing but time (their chunk is recomputed next step). An error while
+        sampling or post-processing one request fails only that request.
         """
         self._drain_inbox()
         batch = self.scheduler.schedule()
@@ -287,13 +284,18 @@ class Engine:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
                 self._release_queue_place()
+        outputs = self.outputs
+        outputs.failures = 0
         try:
             logits, rows = self.runner.run(batch, self.null_slot)
         except Exception as exc:
-            self._isolate(batch, exc)
+            log.exception("an engine step of %d sequences failed; running them one by one to find why", len(batch))
+            outputs.blame(batch, f"{type(exc).__name__}: {exc}")
         else:
-            self._failed_steps = 0
-            self._postprocess(batch, logits, rows)
+            outputs.process(batch, logits, rows)
+        self._failed_steps = self._failed_steps + 1 if outputs.failures >= len(batch) else 0
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise EngineStopped(f"{MAX_FAILED_STEPS} engine steps in a row failed every request in them; last: {outputs.last_failure}")
         self._free_retired()
         self.num_steps += 1
         self.observer.step(len(batch))
@@ -301,96 +303,6 @@ class Engine:
             self.observer.adapter_loaded(seconds)
         self.slots.stats.load_seconds.clear()
         self._publish(time.time())
-
-    def _postprocess(self, batch: list[ScheduledSeq], logits: torch.Tensor, rows: LogitRows) -> None:
-        sampled = sorted(rows.sample_rows.items())
-        requests = [batch[index].request for index, _ in sampled]
-        wants_logprobs = any(r.params.logprobs is not None for r in requests)
-        scores = None
-        if rows.prompt_rows or wants_logprobs:
-            scores = logits if self.config.logprobs_mode == "raw_logits" else logits.log_softmax(dim=-1)
-        finite = torch.isfinite(logits).all(dim=-1)  # [R]
-        tokens = torch.empty(0, dtype=torch.long, device=logits.device)
-        picked_rows = None
-        if sampled:
-            picked_rows = torch.tensor([row for _, row in sampled], device=logits.device)
-            tokens = self._sample(logits.index_select(0, picked_rows), requests)
-        # The step's one read from the device: the sampled ids, then whether each logits row is finite.
-        read = torch.cat([tokens, finite.long()]).tolist()
-        token_ids, finite_rows = read[: len(sampled)], read[len(sampled) :]
-        for index, seq in enumerate(batch):
-            request = seq.request
-            request.num_computed = seq.start + seq.length
-            first, count = rows.prompt_rows.get(index, (0, 0))
-            own = finite_rows[first : first + count] + ([finite_rows[rows.sample_rows[index]]] if index in rows.sample_rows else [])
-            if not all(own):
-                adapter = f" with adapter {request.adapter.name!r}" if request.adapter is not None else ""
-                self._fail(request, f"request {request.request_id}{adapter} produced non-finite logits (NaN or Inf)")
-        for index, (row, count) in rows.prompt_rows.items():
-            request = batch[index].request
-            if not request.finished:
-                self._guarded(request, lambda: self._score_prompt(request, scores[row : row + count]))
-        if not sampled:
-            return
-        chosen, top = [None] * len(requests), [None] * len(requests)
-        if wants_logprobs:
-            top_n = max((r.params.logprobs or 0) for r in requests)
-            chosen, top = token_logprobs(scores.index_select(0, picked_rows), tokens, top_n)
-        for request, token, logprob, alternatives in zip(requests, token_ids, chosen, top):
-            if request.finished:
-                continue
-            n = request.params.logprobs
-            kept = (logprob, alternatives[:n]) if n is not None else (None, None)
-            self._guarded(request, lambda: self._append_token(request, token, *kept))
-
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Sample every row at once; if that fails, row by row, failing only the rows that fail."""
-        try:
-            return sample(logits, [r.params for r in requests], [r.generator for r in requests])
-        except Exception:
-            log.exception("sampling a step failed; sampling its %d rows one by one", len(requests))
-        picked = []
-        for row, request in enumerate(requests):
-            try:
-                picked.append(sample(logits[row : row + 1], [request.params], [request.generator]))
-            except Exception as exc:
-                self._fail(request, f"sampling request {request.request_id} failed: {type(exc).__name__}: {exc}")
-                picked.append(torch.zeros(1, dtype=torch.long, device=logits.device))
-        return torch.cat(picked)
-
-    def _isolate(self, batch: list[ScheduledSeq], exc: Exception) -> None:
-        """A forward pass raised: run each sequence alone, and fail those that fail alone."""
-        log.exception("an engine step of %d sequences failed; running them one by one to find the cause", len(batch))
-        culprits = []
-        for seq in batch:
-            try:
-                self.runner.run([seq], self.null_slot)
-            except Exception as alone:
-                culprits.append((seq.request, alone))
-        if not culprits:  # the failure needs the whole batch: nobody to blame alone, so nobody goes on
-            culprits = [(seq.request, exc) for seq in batch]
-        for request, error in culprits:
-            self._fail(request, f"the engine failed running request {request.request_id}: {type(error).__name__}: {error}")
-        self._failed_steps = self._failed_steps + 1 if len(culprits) == len(batch) else 0
-        if self._failed_steps >= MAX_FAILED_STEPS:
-            raise EngineStopped(f"{MAX_FAILED_STEPS} steps in a row failed for every request in them; last: {exc}")
-
-    def _guarded(self, request: Request, work: Callable[[], None]) -> None:
-        """Run one request's share of post-processing; an error fails that request only."""
-        try:
-            work()
-        except Exception as exc:
-            log.exception("post-processing request %s failed", request.request_id)
-            self._fail(request, f"request {request.request_id} failed: {type(exc).__name__}: {exc}")
-
-    def _fail(self, request: Request, message: str, fatal: bool = False) -> None:
-        """End `request` with an error event naming `message` (once; a finished request is left alone)."""
-        if request.finished:
-            return
-        live = self._live.get(request.request_id)
-        self._finish(request, FinishReason.ERROR)
-        if live is not None:
-            live.sink(TokenEvent(request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message, fatal=fatal))
 
     def _publish(self, step_time: float) -> None:
         scheduler, stats = self.scheduler, self.slots.stats
@@ -412,41 +324,6 @@ class Engine:
             adapter_lookups=stats.lookups,
             adapter_hits=stats.hits,
         )
-
-    def _score_prompt(self, request: Request, scores: torch.Tensor) -> None:
-        first = len(request.prompt_logprobs)
-        targets = torch.tensor(request.prompt_ids[first + 1 : first + 1 + scores.shape[0]], device=scores.device)
-        chosen, top = token_logprobs(scores, targets, request.params.prompt_logprobs)
-        request.prompt_logprobs.extend(zip(chosen, top))
-
-    def _append_token(self, request: Request, token: int, logprob, alternatives) -> None:
-        live = self._live[request.request_id]
-        now = time.monotonic()
-        gap = None if request.last_token_time is None else now - request.last_token_time
-        request.first_token_time = request.first_token_time or now
-        request.last_token_time = now
-        request.output_ids.append(token)
-        params = request.params
-        finish = None
-        text = ""
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-            finish = FinishReason.STOP
-        else:
-            delta = live.detokenizer.add(token)
-            text = delta.text
-            if delta.stopped:
-                finish = FinishReason.STOP
-        if finish is None and (len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len):
-            finish = FinishReason.LENGTH
-        self.observer.token(request, gap)
-        event = TokenEvent(request.request_id, token, text, logprob, alternatives)
-        if len(request.output_ids) == 1 and request.prompt_logprobs is not None:
-            event.prompt_logprobs = list(request.prompt_logprobs)
-        if finish is not None:
-            event.text += live.detokenizer.flush()
-            event.finish_reason = finish
-            self._finish(request, finish)
-        live.sink(event)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         request.finish_reason = reason
@@ -531,11 +408,12 @@ class Engine:
         self._drain_inbox_quietly()
         for live in list(self._live.values()):
             try:
-                self._fail(live.request, message, fatal=True)
-            except Exception:
+                self.outputs.fail(live.request, message, fatal=True)
+            except Exception:  # the scheduler's books may be what broke: still tell the listener
                 log.exception("could not release request %s", live.request.request_id)
                 event = TokenEvent(live.request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message, fatal=True)
-                live.sink(event)
+                with contextlib.suppress(Exception):
+                    live.sink(event)
         self._live.clear()
 
     def _drain_inbox_quietly(self) -> None:

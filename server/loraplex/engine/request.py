@@ -15,7 +15,6 @@ import torch
 from loraplex.errors import RequestInvalid
 from loraplex.registry.adapter import LoraAdapter
 
-
 GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
 
 

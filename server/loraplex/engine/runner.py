@@ -26,6 +26,12 @@ class LogitRows:
     sample_rows: dict[int, int]  # index in the batch -> row whose logits pick its next token
     prompt_rows: dict[int, tuple[int, int]]  # index in the batch -> (first row, count) of prompt logits
 
+    def rows_of(self, index: int) -> list[int]:
+        """Every row of logits that belongs to the batch's sequence `index`."""
+        first, count = self.prompt_rows.get(index, (0, 0))
+        rows = list(range(first, first + count))
+        return rows + [self.sample_rows[index]] if index in self.sample_rows else rows
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2

@@ -69,12 +69,12 @@ def check_depth(value: object, limit: int = MAX_JSON_DEPTH) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
-def _number(config: Mapping, field: str, integer: bool, upper: float) -> float:
+def _number(config: Mapping, field: str, integer: bool, upper: float, label: str | None = None) -> float:
     value = config.get(field)
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not 0 < value <= upper:
         what = "a positive integer" if integer else "a finite positive number"
-        raise AdapterInvalid(f"{_where(field)} must be {what} of at most {upper:g}, got {value!r}")
+        raise AdapterInvalid(f"{_where(label or field)} must be {what} of at most {upper:g}, got {value!r}")
     return value
 
 
@@ -100,7 +100,7 @@ def _patterns(config: Mapping, field: str, integer: bool, upper: float) -> dict[
     for key in value:
         if len(key) > MAX_PATTERN_CHARS:
             raise AdapterInvalid(f"{_where(field)} has a key longer than {MAX_PATTERN_CHARS} characters")
-        _number(value, key, integer, upper)
+        _number(value, key, integer, upper, label=f"{field}[{key!r}]")
     return dict(value)
 
 

@@ -28,6 +28,9 @@ from loraplex.tenancy import Principal
 
 log = logging.getLogger(__name__)
 
+# Names an adapter may not take because /v1/adapters/<name> is one of the API's own paths.
+ROUTE_NAMES = frozenset({"merge"})
+
 
 @dataclass(frozen=True)
 class AdapterRecord:
@@ -83,6 +86,8 @@ class AdapterCatalog:
         lora_roots: directories `load_path` may read from (what is opened must lie inside one).
         on_registered: called with (source, seconds) after each adapter is read, validated and
             registered; source is `store`, `upload` or `path`.
+        check_template: raises AdapterInvalid for a chat template that cannot render (a syntax
+            error, a sample conversation that fails or runs too long); run on uploads and paths.
     """
 
     def __init__(
@@ -93,8 +98,10 @@ class AdapterCatalog:
         max_adapter_bytes: int,
         lora_roots: tuple[Path, ...],
         on_registered: Callable[[str, float], None] | None = None,
+        check_template: Callable[[str], None] | None = None,
     ):
         self._engine = engine
+        self._check_template = check_template or (lambda template: None)
         self._store = store
         self._reserved = reserved_names
         self._max_bytes = max_adapter_bytes
@@ -108,8 +115,8 @@ class AdapterCatalog:
         self._store.recover()
         problems = []
         for stored in self._store.list():
-            if stored.name in self._reserved:
-                problems.append((stored.name, "the name is the served base model's"))
+            if stored.name in self._reserved or stored.name in ROUTE_NAMES:
+                problems.append((stored.name, "the name is the served base model's, or an API path's"))
                 continue
             started = time.perf_counter()
             try:
@@ -124,6 +131,12 @@ class AdapterCatalog:
             )
             self._on_registered("store", time.perf_counter() - started)
         return problems
+
+    def _check_free(self, name: str, param: str) -> None:
+        if name in self._reserved:
+            raise RequestInvalid(f"{name!r} is the base model's name; pick another adapter name", param=param)
+        if name in ROUTE_NAMES:
+            raise RequestInvalid(f"{name!r} is reserved (POST /v1/adapters/{name}); pick another adapter name", param=param)
 
     def names(self) -> list[str]:
         return sorted(self._records)
@@ -163,8 +176,7 @@ class AdapterCatalog:
             AdapterExists: the name is taken and `overwrite` was not given (or not allowed).
         """
         check_name(name)
-        if name in self._reserved:
-            raise RequestInvalid(f"{name!r} is the base model's name; pick another adapter name", param="name")
+        self._check_free(name, "name")
         if shared and not principal.is_admin:
             raise Forbidden("only admins may upload shared adapters")
         if len(weights) > self._max_bytes:
@@ -173,6 +185,8 @@ class AdapterCatalog:
             )
         started = time.perf_counter()
         adapter = self._engine.validate_adapter(name, parse_config(config), parse_weights(weights))
+        if chat_template is not None:
+            self._check_template(chat_template)
         with self._lock:
             previous = self._records.get(name)
             if previous is not None:
@@ -219,7 +233,7 @@ class AdapterCatalog:
             record = self.get(source, principal)
             if not principal.is_admin and record.owner != principal.tenant:
                 raise Forbidden(f"adapter {source!r} is shared; tenants may merge only their own adapters")
-            read.append(read_adapter_dir(record.path))
+            read.append(read_adapter_dir(record.path, self._max_bytes, self._roots if record.source == "path" else None))
         config, tensors = merge_adapters(read, weights, method, self._engine.module_shapes, density, rank, seed)
         config_bytes = json.dumps(config, indent=2).encode()
         return self.upload(name, config_bytes, save_safetensors(tensors), principal, overwrite=overwrite)
@@ -250,11 +264,12 @@ class AdapterCatalog:
         """
         principal.require_admin()
         check_name(name)
-        if name in self._reserved:
-            raise RequestInvalid(f"{name!r} is the base model's name; pick another adapter name", param="lora_name")
+        self._check_free(name, "lora_name")
         started = time.perf_counter()
         files = read_adapter_files(path, self._roots, self._max_bytes, param="lora_path")
         adapter = self._engine.validate_adapter(name, parse_config(files.config), parse_weights(files.weights))
+        if files.chat_template is not None:
+            self._check_template(files.chat_template)
         with self._lock:
             if name in self._records:
                 raise AdapterExists(f"adapter {name!r} is already loaded")
