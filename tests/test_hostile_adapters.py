@@ -38,6 +38,7 @@ class BadUpload:
     form: list[tuple[str, str]] = field(default_factory=list)  # extra (field, value) pairs
     status: int = 422
     keyword: str = ""
+    name: str | bytes | None = None  # instead of the test's name (bytes: sent raw, as a form part)
 
     def send(self, client: httpx.Client, adapter_dir, name: str) -> httpx.Response:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -51,8 +52,11 @@ class BadUpload:
             ("config", ("adapter_config.json", io.BytesIO(config_bytes))),
             ("weights", ("adapter_model.safetensors", io.BytesIO(weights))),
         ]
+        if isinstance(self.name, bytes):
+            files.append(("name", (None, io.BytesIO(self.name))))
         data: dict[str, list[str]] = {}
-        for key, value in [("name", name), *self.form]:  # a field given twice is sent twice
+        named = [] if isinstance(self.name, bytes) else [("name", self.name or name)]
+        for key, value in [*named, *self.form]:  # a field given twice is sent twice
             data.setdefault(key, []).append(value)
         return client.post("/v1/adapters", files=files, data=data)
 
@@ -144,6 +148,11 @@ FORMS = [
     BadUpload("overwrite-twice", form=[("overwrite", "true"), ("overwrite", "false")], status=400, keyword="more than once"),
     BadUpload("an-unknown-field", form=[("colour", "red")], status=400, keyword="colour"),
     BadUpload("overwrite-not-a-flag", form=[("overwrite", "maybe")], status=400, keyword="overwrite"),
+    BadUpload("name-of-an-api-path", name="merge", status=400, keyword="reserved"),
+    BadUpload("name-of-the-base-model", name="tiny-base", status=400, keyword="base model"),
+    BadUpload("name-not-utf8", name=b"\xff\xfeadapter", status=400, keyword="invalid"),
+    BadUpload("name-with-a-nul", name="ad\x00apter", status=400, keyword="invalid"),
+    BadUpload("name-a-path", name="../escape", status=400, keyword="invalid"),
 ]
 
 TABLE = [pytest.param(upload_case, id=f"{group}-{upload_case.id}") for group, cases in (
