@@ -23,16 +23,18 @@ from loraplex.config import EngineConfig, ServerConfig
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+serve_api = pytest.importorskip("ray.serve._private.api")
+
 from deploy.ray.app import RayAppArgs, build_app  # noqa: E402
 from deploy.ray.replica import REPLICA_HEADER  # noqa: E402
-
-pytestmark = pytest.mark.timeout(240)
+from test_serve_process import STARTUP_SECONDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "tiny-base"
 STORE = {"alpha": "r4-qv", "beta": "r8-attn", "gamma": "r16-mlp"}
 ROUTING_SETTLE_S = 1.0  # replicas push the adapters they hold every 0.1 s; routers learn soon after
 PROMPT = "the quick brown fox"
+RAY_PROXY_TIMEOUTS = ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S")
 
 
 def free_port() -> int:
@@ -54,7 +56,15 @@ def ray_app(llama, store):
     """The app on a fresh local Ray; yields an HTTP client for it; Ray is shut down afterwards."""
     pythonpath = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "server"), pythonpath]))
+    # Ray Serve gives its HTTP proxy actor 60 s to start and 5 s per readiness check (killing it
+    # after three misses); on a loaded 2-core machine it was not even scheduled by then (CI at
+    # load 8). The checks' timeouts are read from the environment by the controller Ray starts;
+    # the start deadline is Ray's constant, read at call time.
+    saved_env = {name: os.environ.get(name) for name in RAY_PROXY_TIMEOUTS}
+    os.environ.update({name: str(STARTUP_SECONDS / 3) for name in RAY_PROXY_TIMEOUTS})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    proxy_timeout = serve_api.HTTP_PROXY_TIMEOUT
+    serve_api.HTTP_PROXY_TIMEOUT = STARTUP_SECONDS
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -75,6 +85,12 @@ def ray_app(llama, store):
     finally:
         serve.shutdown()
         ray.shutdown()
+        serve_api.HTTP_PROXY_TIMEOUT = proxy_timeout
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
         else:

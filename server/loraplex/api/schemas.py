@@ -5,10 +5,9 @@ merges, the vLLM-style adapter load/unload), so that malformed input is refused 
 400 that names the field. Every number is bounded to what the engine can hold (seeds to 64 bits,
 counts to 32 bits; a whole number written `2.0` is the integer 2), every string and list in
 length, and every string must be valid Unicode (a lone surrogate cannot be tokenized or encoded
-back to UTF-8). Unknown fields are refused rather
-than silently ignored. OpenAI parameters that loraplex does not implement are accepted only at
-their neutral value (e.g. `presence_penalty=0`), and refused otherwise with a message saying so;
-`check_supported` does that.
+back to UTF-8). Unknown fields are refused rather than silently ignored. OpenAI parameters that
+loraplex does not implement are accepted only at their neutral value (e.g. `presence_penalty=0`),
+and refused otherwise with a message saying so; `check_supported` does that.
 """
 
 from typing import Annotated, Literal
