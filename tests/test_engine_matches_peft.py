@@ -73,10 +73,12 @@ def assert_matches(oracle: PeftOracle, requests, prompts, completions, tol: floa
         assert diff <= tol, f"adapter {adapter}: logits differ from PEFT by {diff}"
 
 
+@pytest.mark.parametrize("linear_backend", ["auto", "reference"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
-def test_mixed_batch_equals_peft_per_request(tiny_setups, arch):
+def test_mixed_batch_equals_peft_per_request(tiny_setups, arch, linear_backend):
+    """Both base linear backends: oneDNN-prepacked weights (the CPU default) and torch's linear."""
     setup = tiny_setups[arch]
-    engine = make_engine(setup)
+    engine = make_engine(setup, linear_backend=linear_backend)
     prompts = [prompt_of(length, seed) for seed, (_, length) in enumerate(REQUESTS)]
     completions = engine.generate(prompts, [a for a, _ in REQUESTS], logits_params())
     assert_matches(PeftOracle(setup), REQUESTS, prompts, completions)

@@ -57,6 +57,10 @@ class EngineConfig(BaseModel):
     enable_lora: bool = Field(
         default=True, description="False serves the model as it is: no LoRA wrappers or slots, adapters refused."
     )
+    linear_backend: Literal["auto", "reference"] = Field(
+        default="auto",
+        description="Base linears: auto prepacks unquantized CPU weights for oneDNN; reference runs torch's linear.",
+    )
 
     def model_len(self, max_position_embeddings: int | None) -> int:
         """Tokens per sequence: `max_model_len`, else the model's positions, at most 4096."""

@@ -111,12 +111,9 @@ class Generation:
                 "(--max-queue), so it could never run",
                 param="n",
             )
-        loop = asyncio.get_running_loop()
+        bridge = services.engine.bridge()
         for choice, params in zip(self.choices, self._params):
-
-            def sink(event: TokenEvent, index: int = choice.index) -> None:
-                loop.call_soon_threadsafe(self._events.put_nowait, (index, event))
-
+            sink = bridge.sink(lambda event, index=choice.index: self._events.put_nowait((index, event)))
             try:
                 request_id = services.engine.add_request(choice.prompt_ids, self._adapter, params, sink=sink)
             except LoraplexError:

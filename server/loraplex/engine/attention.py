@@ -20,7 +20,8 @@ class AttentionGroup:
     rows: torch.Tensor  # [n] their rows in the padded [num_seqs * num_queries] layout
     num_seqs: int
     num_queries: int
-    kv_index: torch.Tensor  # [num_seqs, num_keys] flat cache slot of each context position
+    block_tables: torch.Tensor  # [num_seqs, num_blocks] cache block of each block of context (padding: block 0)
+    num_keys: int  # context positions attended: the longest sequence's
     mask: torch.Tensor  # [num_seqs, 1, num_queries, num_keys] bool, True where a query may attend
     sliding_mask: torch.Tensor | None  # the same with the sliding window applied, when one matters
     in_order: bool  # tokens == rows == arange(n): no scatter needed
@@ -30,6 +31,7 @@ class AttentionGroup:
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat cache slot where each new token's K and V go
     groups: list[AttentionGroup]
+    block_size: int  # cache slots per block: slot s is position s % block_size of block s // block_size
 
 
 @dataclass
@@ -60,9 +62,6 @@ def _build_group(
     offsets = torch.arange(num_queries)  # [Q]
     # query_pos[b, i]: position of sequence b's i-th query, -1 for padding
     query_pos = torch.where(offsets[None, :] < lengths[:, None], starts[:, None] + offsets[None, :], -1)
-    # kv_index[b, j]: cache slot of position j of sequence b (padding points at slot 0, masked out)
-    kv_index = (block_tables[:, :, None] * block_size + torch.arange(block_size)).reshape(len(spans), -1)
-    kv_index = kv_index[:, :num_keys].contiguous()
     key_pos = torch.arange(num_keys)
     # query at position p sees keys 0..p; a padded query (p = -1) sees key 0 so softmax stays finite.
     mask = key_pos[None, None, :] <= query_pos.clamp(min=0)[:, :, None]  # [B, Q, K]
@@ -76,7 +75,8 @@ def _build_group(
         rows=torch.tensor(rows, dtype=torch.long, device=device),
         num_seqs=len(spans),
         num_queries=num_queries,
-        kv_index=kv_index.to(device),
+        block_tables=block_tables.to(device),
+        num_keys=num_keys,
         mask=mask.unsqueeze(1).to(device),
         sliding_mask=sliding,
         in_order=in_order,
@@ -94,7 +94,7 @@ def build_attention_batch(
     decodes = [span for span in spans if span.length == 1]
     prefills = [span for span in spans if span.length > 1]
     groups = [_build_group(group, block_size, sliding_window, device) for group in (decodes, prefills) if group]
-    return AttentionBatch(torch.tensor(slot_mapping, dtype=torch.long, device=device), groups)
+    return AttentionBatch(torch.tensor(slot_mapping, dtype=torch.long, device=device), groups, block_size)
 
 
 def paged_attention(
@@ -123,6 +123,7 @@ def paged_attention(
     key_cache.index_copy_(0, batch.slot_mapping, k)
     value_cache.index_copy_(0, batch.slot_mapping, v)
     num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size = batch.block_size
     out = torch.empty_like(q)
     for group in batch.groups:
         b, n_q = group.num_seqs, group.num_queries
@@ -131,9 +132,12 @@ def paged_attention(
         else:
             queries = q.new_zeros(b * n_q, num_heads, head_dim)
             queries[group.rows] = q[group.tokens]
-        kv_shape = (b, group.kv_index.shape[1], *key_cache.shape[1:])
-        keys = key_cache.index_select(0, group.kv_index.view(-1)).view(kv_shape)  # [B, K, Hkv, D]
-        values = value_cache.index_select(0, group.kv_index.view(-1)).view(kv_shape)
+        # Whole blocks are gathered (a copy per block, not per position), then cut to the context.
+        blocks = group.block_tables.view(-1)
+        keys = key_cache.view(-1, block_size, *key_cache.shape[1:]).index_select(0, blocks)  # [B * nb, bs, Hkv, D]
+        values = value_cache.view(-1, block_size, *value_cache.shape[1:]).index_select(0, blocks)
+        keys = keys.view(b, -1, *key_cache.shape[1:])[:, : group.num_keys]  # [B, K, Hkv, D]
+        values = values.view(b, -1, *value_cache.shape[1:])[:, : group.num_keys]
         mask = group.sliding_mask if sliding and group.sliding_mask is not None else group.mask
         attended = F.scaled_dot_product_attention(
             queries.view(b, n_q, num_heads, head_dim).transpose(1, 2),  # [B, H, Q, D]

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from loraplex.engine.base_model import BaseModel, load_base_model
 from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
-from loraplex.engine.outputs import LiveRequest, OutputProcessor, Sink
+from loraplex.engine.outputs import LiveRequest, OutputProcessor
+from loraplex.engine.packed_linear import pack_linears
 from loraplex.engine.request import (
     Completion,
     FinishReason,
@@ -35,7 +37,7 @@ from loraplex.engine.request import (
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler, SchedulerLimits
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
-from loraplex.engine.stream import RequestStream
+from loraplex.engine.stream import LoopBridge, RequestStream, Sink
 from loraplex.engine.warmup import check_model_runs
 from loraplex.errors import AdapterInvalid, AdapterNotFound, EngineUnavailable, QueueFull, RequestInvalid
 from loraplex.registry.adapter import LoraAdapter, build_adapter, load_adapter
@@ -71,6 +73,8 @@ class Engine:
             if config.enable_lora
             else {}
         )
+        if config.linear_backend == "auto":
+            pack_linears(self.base.model)
         self.module_shapes = module_shapes(self.wrappers)
         self.null_slot = config.max_loras
         self.slots = SlotCache(config.max_loras, lambda slot, adapter: write_adapter(self.wrappers, slot, adapter))
@@ -99,6 +103,8 @@ class Engine:
         self._retired: list[LoraAdapter] = []
         self._live: dict[str, LiveRequest] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge] = weakref.WeakKeyDictionary()
+        self._bridges_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -228,17 +234,17 @@ class Engine:
         request_id: str | None = None,
     ) -> RequestStream:
         """Queue a request from async code; iterate the returned stream for its tokens."""
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-
-        def sink(event: TokenEvent) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the caller's loop is gone: nobody is listening any more
-                self.cancel(event.request_id)
-
-        request_id = self.add_request(prompt_ids, adapter, params, request_id, sink)
+        request_id = self.add_request(prompt_ids, adapter, params, request_id, self.bridge().sink(events.put_nowait))
         return RequestStream(request_id, events, self.cancel)
+
+    def bridge(self) -> LoopBridge:
+        """The bridge from this engine's thread to the running event loop (one per loop)."""
+        loop = asyncio.get_running_loop()
+        with self._bridges_lock:
+            if loop not in self._bridges:
+                self._bridges[loop] = LoopBridge(loop, self.cancel)
+            return self._bridges[loop]
 
     def generate(
         self,

@@ -1,13 +1,63 @@
-"""The async side of one request: an iterator of its `TokenEvent`s that cancels when dropped.
+"""The async side of requests: events handed from the engine thread to asyncio, and iterated.
 
-Owns: handing events from the engine thread to an asyncio consumer, and cancelling the request
-when the consumer stops early (a client disconnect), so its KV blocks and slot are freed.
+Owns: `LoopBridge`, the one way events cross from the engine thread to an event loop (batched:
+a step's tokens wake the loop once, not once per token; a closed loop cancels the requests whose
+events it can no longer take), and `RequestStream`, an iterator of one request's `TokenEvent`s
+that cancels the request when the consumer stops early (a client disconnect), so its KV blocks
+and slot are freed. It must not run engine work or touch the engine's state.
 """
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 from loraplex.engine.request import TokenEvent
+
+Sink = Callable[[TokenEvent], None]
+
+
+class LoopBridge:
+    """Delivers events from the engine thread to callbacks run on one asyncio loop, in bursts.
+
+    The first event after the loop last drained schedules one drain; events that arrive before
+    it runs join it. Deliveries keep their arrival order.
+
+    Args:
+        loop: the loop the deliveries run on.
+        on_lost: called with a request id when its events cannot reach a closed loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[str], None]):
+        self._loop = loop
+        self._on_lost = on_lost
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Sink, TokenEvent]] = []
+        self._scheduled = False
+
+    def sink(self, deliver: Sink) -> Sink:
+        """A sink for the engine: each event it takes is given to `deliver` on the loop."""
+        return lambda event: self._push(deliver, event)
+
+    def _push(self, deliver: Sink, event: TokenEvent) -> None:
+        with self._lock:
+            self._pending.append((deliver, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for _, lost in self._take():
+                self._on_lost(lost.request_id)
+
+    def _take(self) -> list[tuple[Sink, TokenEvent]]:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        return pending
+
+    def _drain(self) -> None:
+        for deliver, event in self._take():
+            deliver(event)
 
 
 class RequestStream:

@@ -1,0 +1,83 @@
+"""Prepacked oneDNN linears (engine/packed_linear.py) compute what `nn.Linear` computes.
+
+Table-driven over widths, row counts (a decode step of one row up to a prefill chunk), input
+ranks, bias and dtypes; plus what `pack_linears` must leave alone and what it must free.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from loraplex.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.engine.packed_linear import PackedLinear, pack_linears
+
+# dtype -> largest |packed - reference| relative to the reference's largest magnitude
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "rows"),
+    [(64, 96, 1), (64, 96, 7), (128, 344, 32), (344, 128, 100), (96, 4096, 3), (48, 40, 0)],
+)
+def test_packed_linear_equals_nn_linear(in_features, out_features, rows, bias, dtype):
+    torch.manual_seed(in_features + out_features + rows)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    x = torch.randn(rows, in_features).to(dtype)
+    expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    got = PackedLinear(linear)(x)
+    assert got.shape == (rows, out_features) and got.dtype == dtype
+    if rows:
+        error = (got.float() - expected).abs().max() / expected.abs().max()
+        assert error <= TOLERANCE[dtype]
+
+
+def test_packed_linear_takes_batched_inputs():
+    linear = nn.Linear(32, 48)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pack_linears_replaces_plain_linears_only_and_keeps_tied_embeddings(llama):
+    model = AutoModelForCausalLM.from_pretrained(llama.model_dir, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    embedding = model.model.embed_tokens.weight
+    x = torch.randint(3, 100, (1, 9))
+    expected = model(x).logits
+    packed = pack_linears(model)
+    assert "lm_head" in packed and "model.layers.0.self_attn.q_proj" in packed
+    assert not [m for m in model.modules() if type(m) is nn.Linear]
+    assert model.model.embed_tokens.weight is embedding  # the embedding a tied head shares stays
+    torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pack_linears_frees_an_untied_weight():
+    model = nn.Sequential(nn.Linear(16, 32))
+    weight = model[0].weight
+    pack_linears(model)
+    assert isinstance(model[0], PackedLinear)
+    assert not any(p is weight for p in model.parameters())
+
+
+def test_pack_linears_leaves_other_modules_alone():
+    class QuantizedLike(nn.Linear):  # a subclass such as bitsandbytes' Linear4bit
+        pass
+
+    model = nn.Sequential(QuantizedLike(8, 8), nn.Embedding(10, 8), nn.LayerNorm(8))
+    assert pack_linears(model) == []
+    assert type(model[0]) is QuantizedLike
+
+
+@pytest.mark.parametrize(("backend", "kind"), [("auto", PackedLinear), ("reference", nn.Linear)])
+def test_linear_backend_setting_chooses_the_base_linears(llama, backend, kind):
+    engine = Engine(EngineConfig(model=str(llama.model_dir), max_loras=2, max_lora_rank=16, linear_backend=backend))
+    try:
+        q_proj = engine.base.model.model.layers[0].self_attn.q_proj
+        assert type(q_proj.base_layer) is kind and type(engine.base.model.lm_head) is kind
+    finally:
+        engine.stop()
