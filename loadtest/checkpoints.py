@@ -1,7 +1,8 @@
 """Random benchmark checkpoints built on the fly: a base model, its tokenizer, PEFT LoRA adapters.
 
-Owns: model configs by name (tiny shapes for this CPU, and real architectures such as
-Llama-3.2-1B and Llama-3-8B, so a GPU can run the same sweep without downloading weights),
+Owns: model configs by name (tiny and small shapes for this CPU, `0.3b`, a 317M-parameter Llama,
+and real architectures such as Llama-3.2-1B and Llama-3-8B, so a GPU can run the same sweep
+without downloading weights),
 saving a random model of a config (weights drawn from normal(0, 0.02)), a word-level tokenizer
 covering the whole vocabulary (benchmark prompts are random token ids, so it only has to load and
 decode), and random LoRA adapters in exactly the files PEFT's `save_pretrained` writes. Adapters
@@ -30,6 +31,9 @@ MODEL_PRESETS: dict[str, dict] = {
     ),
     "small": dict(
         hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+    ),
+    "0.3b": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
     ),
     "llama-3.2-1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

@@ -1,9 +1,11 @@
 """The benchmark suite's results, and their section of BENCHMARKS.md.
 
-Owns: `SuiteResults` (the run summaries, the cold-start and warm-switch measurements), the goal
-ratios, and `write_section`, which prints the ratios, draws the suite's plots and puts one
-Markdown section per device and model into BENCHMARKS.md between markers, replacing that
-section's previous version and leaving every other section as it was. It must not run anything.
+Owns: `SuiteResults` (the loraplex sweep's run summaries, the compare phase's runs, the
+cold-start and warm-switch measurements), the sweep's goal ratios, and `write_section`, which
+prints the ratios, draws the suite's plots and puts one Markdown section per device and model
+into BENCHMARKS.md between markers, replacing that section's previous version and leaving every
+other section as it was. The compare phase's ratios and tables are rounds.py's. It must not run
+anything.
 """
 
 import datetime
@@ -17,8 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtest.plots import plot_bars, plot_histogram, plot_lines
+from loadtest.rounds import LORAPLEX, SERVERS, VLLM, RoundRun, compare_ratios, median_throughput, ratio_table, runs_table
 from loadtest.servers import histogram_quantile
-from loadtest.summary import Summary, format_number
+from loadtest.suite_config import COMPARE_COUNTS
+from loadtest.summary import Summary, format_ms, format_number
 
 HEADER = """# Benchmarks
 
@@ -35,7 +39,8 @@ class SuiteResults:
     device: str
     model_config: str
     settings: Any  # the SuiteConfig
-    runs: dict[str, Summary] = field(default_factory=dict)
+    runs: dict[str, Summary] = field(default_factory=dict)  # the loraplex sweep's, by label
+    compare: list[RoundRun] = field(default_factory=list)
     cold_client: list[tuple[float, float]] = field(default_factory=list)  # (register, register + first token) seconds
     cold_register: list[tuple[float, float]] = field(default_factory=list)  # histogram buckets (le, cumulative)
     cold_slot: list[tuple[float, float]] = field(default_factory=list)
@@ -48,13 +53,9 @@ class SuiteResults:
 
 
 def goal_ratios(results: SuiteResults) -> list[tuple[str, str, str, float]]:
-    """(name, numerator run, denominator run, goal) of each ratio the suite must report."""
-    compare = "N=64 (compare)"
+    """(name, numerator run, denominator run, goal) of each ratio of the loraplex sweep."""
     top, low = max(results.settings.adapter_counts), 8
-    ratios = [
-        ("loraplex / PEFT naive (N=64)", f"loraplex {compare}", f"PEFT naive {compare}", 10.0),
-        ("loraplex / PEFT mixed (N=64)", f"loraplex {compare}", f"PEFT mixed {compare}", 2.0),
-    ]
+    ratios = []
     for alpha in ("0", "1"):
         ratios.append((f"loraplex(N=64) / loraplex(base only), alpha={alpha}", f"loraplex N=64 alpha={alpha}", BASE, 0.75))
     for alpha in ("0", "1"):
@@ -76,10 +77,6 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def _ms(seconds: float | None) -> str:
-    return format_number(None if seconds is None else seconds * 1000)
-
-
 def _runs_table(results: SuiteResults) -> list[str]:
     lines = [
         "| run | ok / sent | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | "
@@ -91,8 +88,8 @@ def _runs_table(results: SuiteResults) -> list[str]:
         errors = ", ".join(f"{status}: {count}" for status, count in summary.errors.items()) or "0"
         lines.append(
             f"| {label} | {summary.ok} / {summary.requests} | {format_number(summary.requests_per_s)} | "
-            f"{format_number(summary.output_tokens_per_s)} | {_ms(summary.ttft.p50)} | {_ms(summary.ttft.p99)} | "
-            f"{_ms(summary.itl.p50)} | {_ms(summary.itl.p99)} | {format_number(spread)}{'×' if spread else ''} | {errors} |"
+            f"{format_number(summary.output_tokens_per_s)} | {format_ms(summary.ttft.p50)} | {format_ms(summary.ttft.p99)} | "
+            f"{format_ms(summary.itl.p50)} | {format_ms(summary.itl.p99)} | {format_number(spread)}{'×' if spread else ''} | {errors} |"
         )
     return lines
 
@@ -100,7 +97,7 @@ def _runs_table(results: SuiteResults) -> list[str]:
 def _histogram_line(name: str, buckets: list[tuple[float, float]]) -> str:
     count = int(buckets[-1][1]) if buckets else 0
     p50, p99 = histogram_quantile(buckets, 0.5), histogram_quantile(buckets, 0.99)
-    return f"| {name} | {count} | {_ms(p50)} | {_ms(p99)} |"
+    return f"| {name} | {count} | {format_ms(p50)} | {format_ms(p99)} |"
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -113,10 +110,10 @@ def _adapter_latency(results: SuiteResults) -> list[str]:
     return [
         "| measurement | count | p50 (ms) | p99 (ms) |",
         "|---|---|---|---|",
-        f"| client: `POST /v1/load_lora_adapter` (disk to host) | {len(register)} | {_ms(quantile(register, 0.5))} | "
-        f"{_ms(quantile(register, 0.99))} |",
+        f"| client: `POST /v1/load_lora_adapter` (disk to host) | {len(register)} | {format_ms(quantile(register, 0.5))} | "
+        f"{format_ms(quantile(register, 0.99))} |",
         f"| client: load, then a 1-token completion (disk to device to token) | {len(first_token)} | "
-        f"{_ms(quantile(first_token, 0.5))} | {_ms(quantile(first_token, 0.99))} |",
+        f"{format_ms(quantile(first_token, 0.5))} | {format_ms(quantile(first_token, 0.99))} |",
         _histogram_line("server: `loraplex_adapter_register_seconds{source=\"path\"}` (read, validate, register)", results.cold_register),
         _histogram_line("server: `loraplex_adapter_load_seconds` during the cold starts (host to slot)", results.cold_slot),
         _histogram_line("server: `loraplex_adapter_load_seconds` over the N sweep (warm switches)", results.warm_switch),
@@ -124,45 +121,82 @@ def _adapter_latency(results: SuiteResults) -> list[str]:
 
 
 def draw_plots(results: SuiteResults, out_dir: Path) -> dict[str, Path]:
-    """The suite's own plots: throughput by N and alpha, the three servers, adapter latencies."""
+    """The suite's own plots: throughput by N and alpha, the servers compared, adapter latencies."""
     base = results.throughput(BASE) or 0.0
     series = {}
     for alpha in ("0", "1"):
         points = [(count, results.throughput(f"loraplex N={count} alpha={alpha}")) for count in results.settings.adapter_counts]
         series[f"alpha={alpha}"] = [(count, value) for count, value in points if value is not None]
     series["base only"] = [(count, base) for count in results.settings.adapter_counts]
-    servers = ["loraplex", "PEFT mixed", "PEFT naive"]
-    values = [results.throughput(f"{server} N=64 (compare)") or 0.0 for server in servers]
+    top = max(COMPARE_COUNTS)
+    servers = [server for server in SERVERS if any(run.server == server for run in results.compare)]
+    by_count = {
+        server: [(count, value) for count in COMPARE_COUNTS if (value := median_throughput(results.compare, server, count)) is not None]
+        for server in servers
+    }
+    values = [median_throughput(results.compare, server, top) or 0.0 for server in servers]
     return {
         "throughput vs adapters": plot_lines(
             "loraplex throughput vs number of adapters", "adapters (N)", "output tokens/s", series,
             out_dir / "throughput-vs-adapters.png", logx=True,
         ),
-        "servers at N=64": plot_bars("Same trace, 64 adapters", servers, values, "output tokens/s", out_dir / "servers-n64.png"),
+        "servers by N": plot_lines(
+            "Servers side by side (median of rounds)", "adapters (N)", "output tokens/s", by_count, out_dir / "servers-by-n.png",
+        ),
+        f"servers at N={top}": plot_bars(
+            f"Same trace, {top} adapters (median of rounds)", servers, values, "output tokens/s", out_dir / f"servers-n{top}.png",
+        ),
         "cold registration": plot_histogram("Adapter registration from disk", results.cold_register, out_dir / "cold-register.png"),
         "warm switch": plot_histogram("Host to device slot copies (warm switch)", results.warm_switch, out_dir / "warm-switch.png"),
     }  # fmt: skip
 
 
+def _compare_intro(results: SuiteResults) -> str:
+    settings, top = results.settings, max(COMPARE_COUNTS)
+    served = {run.server for run in results.compare}
+    servers = ", ".join(server for server in SERVERS if server in served)
+    text = (
+        f"Compare phase: {servers} started once and kept up side by side, each serving the same {top} adapters; "
+        f"{settings.rounds} round(s), each running N ∈ {{{', '.join(map(str, COMPARE_COUNTS))}}} (power law, α = 1, one "
+        f"seeded trace per round and N, the same for every server) against the servers in turn, their order reversed every "
+        f"other round; the PEFT baselines at N = {top} only; {settings.compare_requests} requests per run, outputs "
+        f"{settings.compare_output_len[0]}–{settings.compare_output_len[1]} tokens. A ratio is taken within each round "
+        "and the median of the rounds' ratios is reported."
+    )
+    if VLLM in served:
+        return text + (
+            f" vLLM runs `--enable-lora --max-loras {settings.max_loras} --max-cpu-loras {top}` for every N, so its "
+            f"base-only (N = 0) figure is with LoRA enabled, as {LORAPLEX}'s is with its adapters loaded."
+        )
+    return text + " vLLM was left out of this run (no `--vllm-python`)."
+
+
 def render_section(results: SuiteResults, plots: dict[str, Path], md_dir: Path) -> str:
     settings = results.settings
     marker = settings.section
-    rows = measured_ratios(results)
     lines = [
         f"<!-- suite:{marker} -->",
         f"## {results.device}, model `{results.model_config}`",
         "",
         f"{datetime.date.today().isoformat()}: `python -m loadtest.suite --device {settings.device} --model-config "
         f"{settings.model_config}` took {results.seconds / 60:.1f} min. {settings.concurrency} closed-loop clients; "
-        f"prompts {settings.prompt_len[0]}–{settings.prompt_len[1]} tokens, outputs {settings.output_len[0]}–"
-        f"{settings.output_len[1]}; {settings.requests} requests per loraplex run, {settings.compare_requests} in the "
-        f"three-server run; loraplex with `--max-loras {settings.max_loras}`, dtype {settings.dtype}"
+        f"prompts {settings.prompt_len[0]}–{settings.prompt_len[1]} tokens; loraplex and vLLM with `--max-loras "
+        f"{settings.max_loras}`, dtype {settings.dtype}"
         + (f"; every server with {settings.server_threads} torch thread(s)." if settings.device == "cpu" else "."),
+        "",
+        _compare_intro(results),
+        "",
+        *ratio_table(compare_ratios(results.compare)),
+        "",
+        *runs_table(results.compare),
+        "",
+        f"loraplex sweep: one server, the base only and N ∈ {{{', '.join(map(str, settings.adapter_counts))}}} at α ∈ {{0, 1}}, "
+        f"{settings.requests} requests per run, outputs {settings.output_len[0]}–{settings.output_len[1]} tokens.",
         "",
         "| ratio | measured | goal | |",
         "|---|---|---|---|",
     ]
-    for name, value, goal in rows:
+    for name, value, goal in measured_ratios(results):
         verdict = "–" if value is None else ("✓" if value >= goal else "✗")
         lines.append(f"| {name} | {_ratio(value)} | ≥ {goal:g} | {verdict} |")
     lines += ["", *_runs_table(results), "", "Adapter cold starts and warm switches:", "", *_adapter_latency(results), ""]
@@ -183,12 +217,20 @@ def replace_section(document: str, section: str, marker: str) -> str:
 
 
 def print_ratios(results: SuiteResults) -> None:
-    table = Table(title=f"loraplex suite: {results.device}, {results.model_config}")
+    console = Console()
+    compare = Table(title=f"loraplex suite, compare phase: {results.device}, {results.model_config}")
+    for column in ("ratio", "median of rounds", "per round", "goal", ""):
+        compare.add_column(column)
+    for ratio in compare_ratios(results.compare):
+        per_round = ", ".join(_ratio(value) for value in ratio.per_round)
+        compare.add_row(ratio.name, _ratio(ratio.median), per_round, "–" if ratio.goal is None else str(ratio.goal), ratio.verdict)
+    console.print(compare)
+    sweep = Table(title=f"loraplex suite, loraplex sweep: {results.device}, {results.model_config}")
     for column in ("ratio", "measured", "goal"):
-        table.add_column(column)
+        sweep.add_column(column)
     for name, value, goal in measured_ratios(results):
-        table.add_row(name, _ratio(value), f">= {goal:g}")
-    Console().print(table)
+        sweep.add_row(name, _ratio(value), f">= {goal:g}")
+    console.print(sweep)
 
 
 def write_section(results: SuiteResults, benchmarks_md: Path, out_dir: Path) -> None:

@@ -1,8 +1,11 @@
-"""Servers under test, as child processes: loraplex itself and the PEFT baselines.
+"""Servers under test, as child processes: loraplex itself and the PEFT baselines (vLLM's command is
+in vllm_server.py).
 
-Owns: `ServerProcess` (start a command, wait until `/health` answers 200, keep its log, stop it
-with SIGTERM then SIGKILL), the command lines of `loraplex serve` and of the baselines, a free
-port on 127.0.0.1, and reading histograms from a server's `/metrics`. It must not drive load.
+Owns: `ServerProcess` (start `python -m ...` in a session of its own, wait until `/health` answers
+200, keep its log, stop it with SIGTERM then SIGKILL, and kill whatever it left running in its
+session, such as vLLM's engine process), the command lines of `loraplex serve` and of the
+baselines, a free port on 127.0.0.1, and reading histograms from a server's `/metrics`. It must
+not drive load.
 """
 
 import os
@@ -30,20 +33,33 @@ class ServerProcess:
     """A server started as `python -m ...`, its output in a log file, stopped on exit.
 
     Args:
-        name: what to call it in messages.
+        name: what to call it in messages (and its log file).
         args: arguments after `python -m`.
         port: the port its arguments make it listen on.
         env: extra environment variables.
         startup_seconds: how long it may take to become healthy.
+        python: the interpreter; another virtualenv's python runs a server that is no dependency of loraplex.
     """
 
-    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str] | None = None, startup_seconds: float = 600):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        startup_seconds: float = 600,
+        python: Path | str = sys.executable,
+    ):
         self.name = name
         self.url = f"http://{HOST}:{port}"
-        self.log = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+        self.log = Path(tempfile.mkstemp(prefix=f"{name.lower().replace(' ', '-')}-", suffix=".log")[1])
         self._log_file = self.log.open("w")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", *args], env={**os.environ, **(env or {})}, stdout=self._log_file, stderr=subprocess.STDOUT
+            [str(python), "-m", *args],
+            env={**os.environ, **(env or {})},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._startup_seconds = startup_seconds
 
@@ -70,6 +86,7 @@ class ServerProcess:
         raise RuntimeError(f"{self.name} did not become healthy in {self._startup_seconds} s:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
+        """SIGTERM the server, SIGKILL it after 60 s, then SIGKILL what is left of its session."""
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
             try:
@@ -77,6 +94,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)  # its session's id is its pid
+        except ProcessLookupError:
+            pass
         self._log_file.close()
 
 

@@ -242,8 +242,8 @@ def format_number(value: float | None) -> str:
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
-def _ms(seconds: float | None) -> str:
-    """Seconds shown as milliseconds by `number`."""
+def format_ms(seconds: float | None) -> str:
+    """Seconds shown as milliseconds by `format_number`."""
     return format_number(None if seconds is None else seconds * 1000)
 
 
@@ -270,7 +270,7 @@ def _fairness_line(fair: Fairness | None) -> str:
         return f"Fairness: n/a (fewer than 2 adapters with ≥ {FAIRNESS_MIN_OK} ok requests)."
     return (
         f"Fairness over {fair.adapters} adapters with ≥ {FAIRNESS_MIN_OK} ok requests: median TTFT "
-        f"min {_ms(fair.min_median_ttft)} ms, max {_ms(fair.max_median_ttft)} ms, "
+        f"min {format_ms(fair.min_median_ttft)} ms, max {format_ms(fair.max_median_ttft)} ms, "
         f"max/min {format_number(fair.ratio)}, CV {fair.cv:.2f}."
     )
 
@@ -288,11 +288,11 @@ def to_markdown(summary: Summary) -> str:
         ["input tokens/s", format_number(summary.input_tokens_per_s)],
     ]
     latency = [
-        [name, *(_ms(value) for value in (dist.p50, dist.p90, dist.p99, dist.mean))]
+        [name, *(format_ms(value) for value in (dist.p50, dist.p90, dist.p99, dist.mean))]
         for name, dist in (("TTFT", summary.ttft), ("ITL", summary.itl), ("end-to-end", summary.latency))
     ]
     adapters = [
-        [f"`{stats.adapter}`", str(stats.requests), str(stats.ok), _ms(stats.median_ttft)]
+        [f"`{stats.adapter}`", str(stats.requests), str(stats.ok), format_ms(stats.median_ttft)]
         for stats in summary.adapters[:TOP_ADAPTERS]
     ]
     lines = [
