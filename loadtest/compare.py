@@ -68,7 +68,7 @@ def compare_servers(config: SuiteConfig, space: Workspace, vllm: VllmLaunch | No
             config.rank, gpu_memory=config.vllm_gpu_memory if device == "cuda" else None,
         )  # fmt: skip
         servers.append(CompareServer(VLLM, args, port, env=vllm.env, python=vllm.python))
-    for kind, name in (("naive", PEFT_NAIVE), ("mixed", PEFT_MIXED)):
+    for kind, name in (("naive", PEFT_NAIVE), ("mixed", PEFT_MIXED)) if config.peft_baselines else ():
         port = free_port()
         args = baseline_args(kind, space.model, space.compare, port, device, dtype, config.concurrency)
         servers.append(CompareServer(name, args, port, counts=(top,)))

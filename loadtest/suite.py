@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
         "--vllm-gpu-memory", type=float, default=defaults.vllm_gpu_memory,
         help="vLLM's --gpu-memory-utilization with --device cuda (the GPU is shared with the other servers)",
     )
+    parser.add_argument(
+        "--no-peft", action="store_true", help="leave the PEFT baselines out of the compare phase (slow on a large base)"
+    )
     parser.add_argument("--cold-adapters", type=int, default=defaults.cold_adapters)
     parser.add_argument("--adapter-counts", default=",".join(map(str, defaults.adapter_counts)), help="N of the loraplex sweep")
     parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="time bound of each run")
@@ -149,7 +152,7 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
         requests=args.requests, compare_requests=args.compare_requests, rounds=args.rounds, cold_adapters=args.cold_adapters,
         max_seconds=args.max_seconds, max_loras=args.max_loras, server_threads=args.server_threads, seed=args.seed,
         adapter_counts=counts, vllm_python=args.vllm_python, vllm_kv_cache_gib=args.vllm_kv_cache_gib,
-        vllm_gpu_memory=args.vllm_gpu_memory,
+        vllm_gpu_memory=args.vllm_gpu_memory, peft_baselines=not args.no_peft,
         out=args.out / SuiteConfig(model_config=args.model_config, device=args.device).section,
         benchmarks_md=args.benchmarks_md,
     )  # fmt: skip

@@ -41,6 +41,8 @@ class SuiteConfig:
         vllm_python: the python of the virtualenv `loadtest/vllm_venv.sh` builds; None leaves vLLM out.
         vllm_kv_cache_gib: vLLM's CPU KV cache (`VLLM_CPU_KVCACHE_SPACE`).
         vllm_gpu_memory: vLLM's `--gpu-memory-utilization` on a GPU, which it shares with the other servers.
+        peft_baselines: run the PEFT baselines in the compare phase (one request at a time is
+            very slow on a large base; the ratios against them are then left blank).
         out: plots and per-run files.
         benchmarks_md: the Markdown file whose section the suite writes.
     """
@@ -64,6 +66,7 @@ class SuiteConfig:
     vllm_python: Path | None = None
     vllm_kv_cache_gib: int = 2
     vllm_gpu_memory: float = 0.3
+    peft_baselines: bool = True
     out: Path = Path("benchmarks")
     benchmarks_md: Path = Path("BENCHMARKS.md")
 

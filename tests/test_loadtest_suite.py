@@ -12,7 +12,10 @@ import re
 
 import pytest
 
-from loadtest.suite import main
+from loadtest.compare import compare_servers
+from loadtest.suite import main, parse_args
+from loadtest.suite_config import SuiteConfig
+from loadtest.workspace import Workspace
 
 MICRO = json.dumps(
     {
@@ -56,3 +59,11 @@ def test_a_small_sweep_writes_every_ratio_run_and_plot(tmp_path):
     assert len(re.findall(r"^\| (loraplex|PEFT naive|PEFT mixed) \| \d+ \| [12] \|", section, flags=re.MULTILINE)) == 10
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", section):
         assert (md.parent / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_peft_leaves_the_baselines_out_of_the_compare_phase(tmp_path):
+    names = [server.name for server in compare_servers(SuiteConfig(), Workspace(tmp_path), None)]
+    assert names == ["loraplex", "PEFT naive", "PEFT mixed"]
+    names = [server.name for server in compare_servers(SuiteConfig(peft_baselines=False), Workspace(tmp_path), None)]
+    assert names == ["loraplex"]
+    assert parse_args(["--no-peft"]).peft_baselines is False and parse_args([]).peft_baselines is True
