@@ -155,11 +155,12 @@ def _compare_intro(results: SuiteResults) -> str:
     settings, top = results.settings, max(COMPARE_COUNTS)
     served = {run.server for run in results.compare}
     servers = ", ".join(server for server in SERVERS if server in served)
+    peft = f"the PEFT baselines at N = {top} only" if settings.peft_baselines else "the PEFT baselines left out (`--no-peft`)"
     text = (
         f"Compare phase: {servers} started once and kept up side by side, each serving the same {top} adapters; "
         f"{settings.rounds} round(s), each running N ∈ {{{', '.join(map(str, COMPARE_COUNTS))}}} (power law, α = 1, one "
         f"seeded trace per round and N, the same for every server) against the servers in turn, their order reversed every "
-        f"other round; the PEFT baselines at N = {top} only; {settings.compare_requests} requests per run, outputs "
+        f"other round; {peft}; {settings.compare_requests} requests per run, outputs "
         f"{settings.compare_output_len[0]}–{settings.compare_output_len[1]} tokens. A ratio is taken within each round "
         "and the median of the rounds' ratios is reported."
     )
@@ -179,7 +180,8 @@ def render_section(results: SuiteResults, plots: dict[str, Path], md_dir: Path) 
         f"## {results.device}, model `{results.model_config}`",
         "",
         f"{datetime.date.today().isoformat()}: `python -m loadtest.suite --device {settings.device} --model-config "
-        f"{settings.model_config}` took {results.seconds / 60:.1f} min. {settings.concurrency} closed-loop clients; "
+        f"{settings.model_config}{'' if settings.peft_baselines else ' --no-peft'}` took {results.seconds / 60:.1f} min. "
+        f"{settings.concurrency} closed-loop clients; "
         f"prompts {settings.prompt_len[0]}–{settings.prompt_len[1]} tokens; loraplex and vLLM with `--max-loras "
         f"{settings.max_loras}`, dtype {settings.dtype}"
         + (f"; every server with {settings.server_threads} torch thread(s)." if settings.device == "cpu" else "."),

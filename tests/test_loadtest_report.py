@@ -78,3 +78,14 @@ def test_histogram_delta_is_what_each_bucket_gained():
     before = [(0.1, 1.0), (INF, 2.0)]
     after = [(0.1, 4.0), (INF, 7.0)]
     assert histogram_delta(before, after) == [(0.1, 3.0), (INF, 5.0)]
+
+
+@pytest.mark.parametrize(
+    ("peft", "said"),
+    [(True, "the PEFT baselines at N = 64 only"), (False, "the PEFT baselines left out (`--no-peft`)")],
+)
+def test_the_section_says_whether_the_peft_baselines_ran(peft, said):
+    results = SuiteResults(device="CPU", model_config="tiny", settings=SuiteConfig(peft_baselines=peft))
+    section = render_section(results, {}, SuiteConfig().out)
+    assert said in section
+    assert ("--model-config tiny --no-peft`" in section) is not peft
