@@ -58,11 +58,15 @@ class Served:
         body = {"model": "slow", "prompt": "x", "max_tokens": 8000, "stream": True, "ignore_eos": True, "temperature": 0}
 
         def read() -> None:
-            with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        payload = line.removeprefix("data: ")
-                        events.append(payload if payload == "[DONE]" else json.loads(payload))
+            try:
+                with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=120) as response:
+                    for line in response.iter_lines():
+                        if line.startswith("data: "):
+                            payload = line.removeprefix("data: ")
+                            events.append(payload if payload == "[DONE]" else json.loads(payload))
+            except httpx.TransportError:  # the server went away mid-body (a second signal exits at once)
+                events.append("<connection cut>")
+                return
             events.append("<end of body>")
 
         thread = threading.Thread(target=read, daemon=True)
@@ -104,12 +108,14 @@ def test_a_second_signal_exits_at_once(slow_model, tmp_path):
     served = Served(slow_model, tmp_path / "store", drain_seconds=300)
     try:
         events: list = []
-        served.stream_forever(events)
+        thread = served.stream_forever(events)
         served.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         signalled = time.monotonic()
         served.process.send_signal(signal.SIGTERM)
         served.process.wait(timeout=60)
         assert time.monotonic() - signalled < EXIT_SLACK + LOADED_MACHINE_SLACK, "not the 300 s drain"
+        thread.join(timeout=30)
+        assert events[-1] in ("<connection cut>", "<end of body>") and "[DONE]" not in events
     finally:
         served.stop()
