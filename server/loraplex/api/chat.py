@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
 from loraplex.api.chat_template import ChatTemplateRenderer
-from loraplex.api.generation import Choice, Generation
+from loraplex.api.generation import ENGINE_CUT, QUEUE_FULL, Choice, Generation
 from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
@@ -119,8 +119,8 @@ def _choice_json(choice: Choice, body: ChatCompletionRequest, tokenizer) -> dict
                 400: "The body is invalid (the message names the field), the chat template fails or is missing, the "
                 "rendered prompt is too long for the context, or a parameter is not supported.",
                 404: MODEL_NOT_FOUND,
-                429: "The queue is full (--max-queue); retry later.",
-                503: "The engine is not running, or the request was cut by an engine failure or a shutdown.",
+                429: QUEUE_FULL,
+                503: ENGINE_CUT,
             }
         ),
     },

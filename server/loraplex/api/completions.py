@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
-from loraplex.api.generation import Choice, Generation
+from loraplex.api.generation import ENGINE_CUT, QUEUE_FULL, Choice, Generation
 from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
@@ -147,8 +147,8 @@ def _choice_json(choice: Choice, echo: _Echo, body: CompletionRequest, tokenizer
                 400: "The body is invalid (the message names the field), a prompt is too long for the context, "
                 "a parameter is not supported, or the request has more choices than the queue holds.",
                 404: MODEL_NOT_FOUND,
-                429: "The queue is full (--max-queue); retry later.",
-                503: "The engine is not running, or the request was cut by an engine failure or a shutdown.",
+                429: QUEUE_FULL,
+                503: ENGINE_CUT,
             }
         ),
     },

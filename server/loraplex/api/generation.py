@@ -17,6 +17,10 @@ from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent, To
 from loraplex.errors import EngineFailed, EngineUnavailable, LoraplexError, RequestInvalid, ServerDraining
 from loraplex.registry.adapter import LoraAdapter
 
+# What a generating route's 429 and 503 mean, for its OpenAPI document.
+QUEUE_FULL = "The queue is full (--max-queue); retry later."
+ENGINE_CUT = "The engine is not running, or the request was cut by an engine failure or a shutdown."
+
 
 @dataclass
 class Choice:

@@ -85,9 +85,8 @@ class OutputProcessor:
         # The step's one read from the device: the sampled ids, then whether each logits row is finite.
         read = torch.cat([tokens, finite.long()]).tolist()
         token_ids, finite_rows = read[: len(sampled)], read[len(sampled) :]
-        for row, row_finite in enumerate(finite_rows):
-            if not row_finite:
-                finite_rows[row] = bool(torch.isfinite(logits[row]).all())
+        if not all(finite_rows):
+            finite_rows = [ok or bool(torch.isfinite(logits[row]).all()) for row, ok in enumerate(finite_rows)]
         broken = [seq for index, seq in enumerate(batch) if not all(finite_rows[row] for row in rows.rows_of(index))]
         if broken:
             self.blame(broken, "its logits are not finite (NaN or Inf)")
