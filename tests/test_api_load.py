@@ -31,7 +31,6 @@ TIMEOUT = httpx.Timeout(30)
 DEADLINE = 10.0  # seconds any awaited state change may take
 
 
-
 # ----- helpers ------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent
 from loraplex.errors import EngineUnavailable
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-LONG_PROMPT = list(range(3, 43))  # 40 tokens: prefill runs the segment strategy
+LONG_PROMPT = list(range(3, 43))  # 40 tokens: a prefill with long adapter segments
 SHORT_PROMPT = [5, 6, 7, 8]
 MIXED = [(None, LONG_PROMPT), ("r4-qv", SHORT_PROMPT), ("r8-attn", LONG_PROMPT), ("r16-mlp", SHORT_PROMPT)]
 
@@ -67,17 +67,17 @@ def alone(engine: Engine, jobs) -> list[list[int]]:
     return [run(engine, [job])[0].tokens for job in jobs]
 
 
-def make_engine(llama, max_lora_rank: int) -> Engine:
+def make_engine(llama, lora_strategy: str) -> Engine:
     engine = Engine(EngineConfig(model=str(llama.model_dir), dtype="float32", device="cpu", max_loras=4,
-                                 max_lora_rank=max_lora_rank, max_model_len=128))  # fmt: skip
+                                 max_lora_rank=16, max_model_len=128, lora_strategy=lora_strategy))  # fmt: skip
     for name in ("r4-qv", "r8-attn", "r16-mlp", "r8-all-rslora"):
         engine.load_adapter(name, llama.adapter_dirs[name])
     return engine
 
 
-@pytest.fixture(scope="module", params=[16, 128], ids=["decode-dense", "decode-gather"])
+@pytest.fixture(scope="module", params=["dense", "gather", "segment"])
 def engine(request, llama):
-    """max_lora_rank 16 keeps every decode on the dense strategy, 128 sends slots past 1 to gather."""
+    """Each LoRA strategy forced, prefill and decode: a bad row must stay in its own request in all."""
     return make_engine(llama, request.param)
 
 
@@ -184,7 +184,7 @@ def wait_for(predicate, seconds: float = 60) -> None:
 
 
 def test_steps_that_fail_every_request_stop_the_engine_and_it_refuses_new_work(llama, monkeypatch):
-    engine = make_engine(llama, 16)
+    engine = make_engine(llama, "auto")
 
     def device_lost(*args, **kwargs):
         raise RuntimeError("device lost")

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
+from loraplex.engine.fused_projections import GroupSlice
 from loraplex.engine.packed_linear import PackedLinear, pack_linears
 
 # dtype -> largest |packed - reference| relative to the reference's largest magnitude
@@ -75,9 +76,14 @@ def test_pack_linears_leaves_other_modules_alone():
 
 @pytest.mark.parametrize(("backend", "kind"), [("auto", PackedLinear), ("reference", nn.Linear)])
 def test_linear_backend_setting_chooses_the_base_linears(llama, backend, kind):
+    """auto: q/k/v and gate/up fused into one prepacked GEMM each; reference: the model's own linears."""
     engine = Engine(EngineConfig(model=str(llama.model_dir), max_loras=2, max_lora_rank=16, linear_backend=backend))
     try:
-        q_proj = engine.base.model.model.layers[0].self_attn.q_proj
-        assert type(q_proj.base_layer) is kind and type(engine.base.model.lm_head) is kind
+        attn = engine.base.model.model.layers[0].self_attn
+        assert type(attn.o_proj.base_layer) is kind and type(engine.base.model.lm_head) is kind
+        if backend == "auto":
+            assert type(attn.fused_qkv.linear) is kind and type(attn.q_proj.base_layer) is GroupSlice
+        else:
+            assert not hasattr(attn, "fused_qkv") and type(attn.q_proj.base_layer) is kind
     finally:
         engine.stop()

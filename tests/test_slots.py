@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from loraplex.engine import lora_ops
 from loraplex.engine.lora_layer import LoraContext, LoraLinear
 from loraplex.engine.lora_ops import add_lora_delta, build_lora_batch, find_segments
 from loraplex.registry.adapter import LoraAdapter
@@ -116,20 +117,42 @@ def test_no_lora_batch_when_no_token_uses_an_adapter():
     assert build_lora_batch([3, 3, 3], {}, 8, CPU) is None
 
 
-def test_strategy_follows_tokens_per_segment_and_slot_range():
-    decode_few = build_lora_batch([0, 1, 2, 3], {0: 4, 1: 4, 2: 4, 3: 4}, 16, CPU)
-    decode_many = build_lora_batch([0, 30], {0: 4, 30: 4}, 16, CPU)
-    prefill = build_lora_batch([0] * 64 + [1] * 64, {0: 4, 1: 8}, 16, CPU)
-    assert decode_few.dense_other is not None and not decode_few.use_segments
-    assert decode_few.dense_other.shape == (4, 4 * 16)
-    assert decode_many.dense_other is None and not decode_many.use_segments
-    assert prefill.use_segments and prefill.rank == 8
-
-
 @pytest.mark.parametrize(
-    "tokens_per_slot, high_slot, strategy",
-    [(40, 2, "segment"), (1, 2, "dense"), (1, 39, "gather")],
+    "slots, ranks, width, expected",
+    [
+        ([0, 1, 2, 3], {0: 16, 1: 16, 2: 16, 3: 16}, 256, "dense"),  # decode, few low slots
+        (list(range(0, 64, 4)), {s: 16 for s in range(0, 64, 4)}, 256, "gather"),  # many slots, narrow layer
+        (list(range(0, 64, 4)), {s: 16 for s in range(0, 64, 4)}, 5120, "segment"),  # many slots, wide layer
+        ([0] * 64 + [1] * 64, {0: 4, 1: 8}, 256, "segment"),  # prefill: long segments
+    ],
 )
+def test_auto_picks_the_cheapest_strategy_per_layer_width(slots, ranks, width, expected):
+    batch = build_lora_batch(slots, ranks, 16, CPU)
+    assert batch.strategy_for(width) == expected
+    assert batch.rank == max(ranks.values()) and batch.slot_range == max(ranks) + 1
+
+
+def test_a_forced_strategy_holds_for_every_layer_and_an_unknown_one_is_refused():
+    batch = build_lora_batch([0, 30], {0: 4, 30: 4}, 16, CPU, "dense")
+    assert {batch.strategy_for(width) for width in (16, 5120, 1 << 20)} == {"dense"}
+    assert batch.dense_other().shape == (2, 31 * 16)
+    with pytest.raises(ValueError, match="unknown LoRA strategy 'fast'"):
+        build_lora_batch([0], {0: 4}, 16, CPU, "fast")
+
+
+def test_strategy_costs_follow_what_each_strategy_touches():
+    def cost(strategy, tokens=16, segments=12, slot_range=64, rank=16, width=5120):
+        return lora_ops.strategy_cost(strategy, tokens, segments, slot_range, rank, 16, width)
+
+    assert cost("gather", tokens=32) > cost("gather", tokens=16)  # copies per token
+    assert cost("segment", segments=12) > cost("segment", segments=6)  # two matmuls per adapter run
+    assert cost("segment", tokens=512) == cost("segment", tokens=16)  # weights read once per run
+    assert cost("dense", slot_range=64) > cost("dense", slot_range=4)  # flops through the whole range
+
+
+@pytest.mark.parametrize("tokens_per_slot", [1, 40])
+@pytest.mark.parametrize("high_slot", [2, 39])
+@pytest.mark.parametrize("strategy", ["segment", "dense", "gather", "auto"])
 def test_every_strategy_computes_each_tokens_own_delta(tokens_per_slot, high_slot, strategy):
     """Against a per-token loop: y[t] += x[t] @ A[s].T @ B[s], nothing for the null slot."""
     torch.manual_seed(0)
@@ -148,9 +171,7 @@ def test_every_strategy_computes_each_tokens_own_delta(tokens_per_slot, high_slo
     expected = y.clone()
     for t, s in enumerate(slots):
         expected[t] += x[t] @ lora_a[s].T @ lora_b[s]
-    batch = build_lora_batch(slots, {0: 8, 1: 4, high_slot: 8}, rank, CPU)
-    chosen = "segment" if batch.use_segments else "dense" if batch.dense_other is not None else "gather"
-    assert chosen == strategy
+    batch = build_lora_batch(slots, {0: 8, 1: 4, high_slot: 8}, rank, CPU, strategy)
     add_lora_delta(y, x, lora_a, lora_b, batch)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     base_rows = slice(tokens_per_slot, 2 * tokens_per_slot)

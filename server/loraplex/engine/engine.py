@@ -23,6 +23,7 @@ import torch
 from loraplex.config import EngineConfig
 from loraplex.engine.base_model import BaseModel, load_base_model
 from loraplex.engine.detokenizer import Detokenizer
+from loraplex.engine.fused_projections import fuse_projections
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
 from loraplex.engine.outputs import LiveRequest, OutputProcessor
@@ -74,6 +75,7 @@ class Engine:
             else {}
         )
         if config.linear_backend == "auto":
+            fuse_projections(self.base.model)
             pack_linears(self.base.model)
         self.module_shapes = module_shapes(self.wrappers)
         self.null_slot = config.max_loras
@@ -96,7 +98,7 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.kv_cache, self.slots)
         self.runner = ModelRunner(
-            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank
+            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy
         )
         self.eos_ids = self._eos_ids()
         self.adapters: dict[str, LoraAdapter] = {}
@@ -183,8 +185,7 @@ class Engine:
             raise RequestInvalid("the prompt is empty", param="prompt")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestInvalid(
-                f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which leaves no room to generate",
+                f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, which leaves no room to generate",
                 param="prompt",
             )
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:

@@ -32,9 +32,7 @@ class LoraLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         device = next(base.parameters()).device
-        self.register_buffer(
-            "lora_a", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False
-        )
+        self.register_buffer("lora_a", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False)
         self.register_buffer(
             "lora_b", torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
         )
@@ -44,9 +42,13 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
         y = self.base_layer(x)
+        self.add_delta(y, x)
+        return y
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """Add this step's LoRA delta of each token to `y` ([T, out], maybe a view), in place."""
         if self.context.batch is not None:
             add_lora_delta(y, x, self.lora_a, self.lora_b, self.context.batch)
-        return y
 
     def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> None:
         """Copy one adapter's pair into `slot`, zero-padding the rank; None clears the slot.
@@ -69,9 +71,7 @@ class LoraLinear(nn.Module):
             self.lora_b[slot, :rank].copy_(lora_b.to(torch.float32).mul(scaling).T)
 
 
-def wrap_lora_targets(
-    model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, context: LoraContext
-) -> dict[str, LoraLinear]:
+def wrap_lora_targets(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, context: LoraContext) -> dict[str, LoraLinear]:
     """Replace every targetable projection of `model` by a `LoraLinear`, once.
 
     Returns:

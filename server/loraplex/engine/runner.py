@@ -3,7 +3,8 @@
 Owns: turning a step's scheduled sequences into flat input tensors (ordered by LoRA slot so each
 adapter's tokens are contiguous), building the step's attention and LoRA metadata once, and
 driving the Hugging Face decoder layers of the base (embedding, norms, rotary, MLP, lm_head are
-the model's own modules; attention is ours, over the paged cache). It returns logits; sampling is
+the model's own modules, q/k/v and gate/up as one GEMM each where they were fused at start-up;
+attention is ours, over the paged cache). It returns logits; sampling is
 not its business.
 """
 
@@ -38,9 +39,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding as the Hugging Face Llama family applies it.
 
     Args:
@@ -71,6 +70,7 @@ class ModelRunner:
         lora_context: shared with every wrapper; set here around each forward.
         device: where the model lives.
         max_lora_rank: the slot stacks' rank.
+        lora_strategy: how the LoRA deltas are computed (`EngineConfig.lora_strategy`).
     """
 
     def __init__(
@@ -80,16 +80,18 @@ class ModelRunner:
         lora_context: LoraContext,
         device: torch.device,
         max_lora_rank: int,
+        lora_strategy: str,
     ):
         self.model = model
         self.max_lora_rank = max_lora_rank
+        self.lora_strategy = lora_strategy
         self.decoder = model.model
         self.kv_cache = kv_cache
         self.lora_context = lora_context
         self.device = device
         self.sliding_window, self.sliding = _sliding_layers(model.config)
 
-    def build_inputs(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str = "auto"):
+    def build_inputs(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str | None = None):
         """Flatten a step into tensors and metadata, ordering sequences by LoRA slot."""
         order = sorted(range(len(batch)), key=lambda i: null_slot if batch[i].request.slot is None else batch[i].request.slot)
         token_ids: list[int] = []
@@ -124,10 +126,9 @@ class ModelRunner:
             if seq.samples:
                 sample_rows[i] = len(logit_tokens)
                 logit_tokens.append(offset + seq.length - 1)
-        attention = build_attention_batch(
-            spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device
-        )
-        lora = build_lora_batch(token_slots, slot_ranks, self.max_lora_rank, self.device, lora_strategy)
+        attention = build_attention_batch(spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device)
+        strategy = lora_strategy or self.lora_strategy
+        lora = build_lora_batch(token_slots, slot_ranks, self.max_lora_rank, self.device, strategy)
         tensors = (
             torch.tensor(token_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -136,8 +137,8 @@ class ModelRunner:
         return tensors, attention, lora, LogitRows(sample_rows, prompt_rows)
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str = "auto") -> tuple[torch.Tensor, LogitRows]:
-        """Forward one step (`lora_strategy` as `build_lora_batch` takes it).
+    def run(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str | None = None) -> tuple[torch.Tensor, LogitRows]:
+        """Forward one step (`lora_strategy`, as `build_lora_batch` takes it, overrides the runner's).
 
         Returns:
             [R, V] float32 logits for the rows named by the returned `LogitRows`.
@@ -161,15 +162,25 @@ class ModelRunner:
             hidden = layer.input_layernorm(hidden)
             hidden = residual + self._attention(index, layer.self_attn, hidden, cos, sin, attention)
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         return hidden
+
+    @staticmethod
+    def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        fused = getattr(mlp, "fused_gate_up", None)
+        if fused is None:
+            return mlp(x)
+        gate, up = fused(x)  # [T, intermediate] each
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _attention(self, index, attn: nn.Module, x, cos, sin, attention: AttentionBatch) -> torch.Tensor:
         num_tokens = x.shape[0]
         head_dim = attn.head_dim
-        q = attn.q_proj(x).view(num_tokens, -1, head_dim)  # [T, H, D]
-        k = attn.k_proj(x).view(num_tokens, -1, head_dim)  # [T, Hkv, D]
-        v = attn.v_proj(x).view(num_tokens, -1, head_dim)
+        fused = getattr(attn, "fused_qkv", None)
+        q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(num_tokens, -1, head_dim)  # [T, H, D]
+        k = k.view(num_tokens, -1, head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, -1, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
