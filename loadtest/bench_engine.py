@@ -78,7 +78,9 @@ class Timing:
 def make_workload(args, adapter_names: list[str]) -> Workload:
     generator = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (args.num_requests,), generator=generator)
-    prompts = [torch.randint(len(SPECIAL_TOKENS), args.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
+    prompts = [
+        torch.randint(len(SPECIAL_TOKENS), args.vocab_size, (int(n),), generator=generator).tolist() for n in lengths
+    ]
     adapters = [adapter_names[i % len(adapter_names)] for i in range(args.num_requests)]
     return Workload(prompts, adapters, args.max_tokens)
 
@@ -121,7 +123,9 @@ def build_engine(args, model_dir: Path, adapter_dirs: dict[str, Path]) -> Engine
 
 def run_benchmark(args, workdir: Path) -> tuple[dict[str, Timing], Workload]:
     """Build everything, warm every system up, then time (a) to (d) in turn, `repeats` rounds."""
-    shape = ModelShape(args.hidden_size, args.intermediate_size, args.num_layers, args.num_heads, args.num_kv_heads, args.vocab_size)
+    shape = ModelShape(
+        args.hidden_size, args.intermediate_size, args.num_layers, args.num_heads, args.num_kv_heads, args.vocab_size
+    )
     model_dir = make_model(workdir / "base", shape, args.max_prompt + args.max_tokens, args.seed)
     adapter_dirs = make_adapters(model_dir, workdir, args.num_adapters, args.rank)
     workload = make_workload(args, list(adapter_dirs))

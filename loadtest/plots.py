@@ -211,7 +211,9 @@ def plot_bars(title: str, labels: list[str], values: list[float], ylabel: str, p
     return _save(figure, path)
 
 
-def plot_lines(title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]], path: Path, logx: bool = False) -> Path:
+def plot_lines(
+    title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]], path: Path, logx: bool = False
+) -> Path:
     """Several named lines of (x, y) points (e.g. throughput against adapters, one line per alpha).
 
     Args:

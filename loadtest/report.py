@@ -114,7 +114,7 @@ def _adapter_latency(results: SuiteResults) -> list[str]:
         f"{format_ms(quantile(register, 0.99))} |",
         f"| client: load, then a 1-token completion (disk to device to token) | {len(first_token)} | "
         f"{format_ms(quantile(first_token, 0.5))} | {format_ms(quantile(first_token, 0.99))} |",
-        _histogram_line('server: `loraplex_adapter_register_seconds{source="path"}` (read, validate, register)', results.cold_register),
+        _histogram_line("server: `loraplex_adapter_register_seconds{source=\"path\"}` (read, validate, register)", results.cold_register),
         _histogram_line("server: `loraplex_adapter_load_seconds` during the cold starts (host to slot)", results.cold_slot),
         _histogram_line("server: `loraplex_adapter_load_seconds` over the N sweep (warm switches)", results.warm_switch),
     ]

@@ -119,27 +119,23 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
     parser.add_argument("--compare-requests", type=int, default=defaults.compare_requests, help="requests per run of the compare phase")
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds of the compare phase (at least 1)")
     parser.add_argument(
-        "--vllm-python",
-        type=Path,
-        default=None,
+        "--vllm-python", type=Path, default=None,
         help="python of the vLLM virtualenv (bash loadtest/vllm_venv.sh builds one); without it vLLM is left out",
     )
     parser.add_argument("--vllm-kv-cache-gib", type=int, default=defaults.vllm_kv_cache_gib, help="vLLM's CPU KV cache")
     parser.add_argument(
-        "--vllm-gpu-memory",
-        type=float,
-        default=defaults.vllm_gpu_memory,
+        "--vllm-gpu-memory", type=float, default=defaults.vllm_gpu_memory,
         help="vLLM's --gpu-memory-utilization with --device cuda (the GPU is shared with the other servers)",
     )
-    parser.add_argument("--no-peft", action="store_true", help="leave the PEFT baselines out of the compare phase (slow on a large base)")
+    parser.add_argument(
+        "--no-peft", action="store_true", help="leave the PEFT baselines out of the compare phase (slow on a large base)"
+    )
     parser.add_argument("--cold-adapters", type=int, default=defaults.cold_adapters)
     parser.add_argument("--adapter-counts", default=",".join(map(str, defaults.adapter_counts)), help="N of the loraplex sweep")
     parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="time bound of each run")
     parser.add_argument("--max-loras", type=int, default=defaults.max_loras)
     parser.add_argument(
-        "--server-threads",
-        type=int,
-        default=max(1, (os.cpu_count() or 2) - 1),
+        "--server-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
         help="torch threads of each server on CPU (default: all cores but one, which the load generator uses)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -67,7 +67,9 @@ def preload_libraries(prefix: Path, tcmalloc: Path = TCMALLOC) -> list[Path]:
     if not tcmalloc.is_file():
         raise VllmSetupError(f"{tcmalloc} is missing: install Debian's libtcmalloc-minimal4 (loadtest/vllm_venv.sh does)")
     if not iomp.is_file():
-        raise VllmSetupError(f"{iomp} is missing: the virtualenv at {prefix} lacks intel-openmp; build it with loadtest/vllm_venv.sh")
+        raise VllmSetupError(
+            f"{iomp} is missing: the virtualenv at {prefix} lacks intel-openmp; build it with loadtest/vllm_venv.sh"
+        )
     return [tcmalloc, iomp]
 
 

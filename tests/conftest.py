@@ -85,7 +85,9 @@ class TinySetup:
 
 def build_setup(root: Path, arch: str, seed: int) -> TinySetup:
     model_dir = make_model(root / f"{arch}-base", arch, seed=seed)
-    adapters = {name: make_adapter(model_dir, root / f"{arch}-{name}", **spec) for name, spec in ADAPTER_SPECS.items()}
+    adapters = {
+        name: make_adapter(model_dir, root / f"{arch}-{name}", **spec) for name, spec in ADAPTER_SPECS.items()
+    }
     return TinySetup(model_dir, adapters)
 
 

@@ -130,12 +130,10 @@ def assert_unharmed(server: HostileServer) -> None:
     """Nothing held, nothing changed: queue, KV, slots and in-flight count back to zero, answers intact."""
     engine, services = server.engine, server.live.services
     released = wait_until(
-        lambda: (
-            engine._queued == 0
-            and engine.kv_cache.allocator.usage == 0
-            and services.in_flight == 0
-            and all(engine.slots.refcount(adapter) == 0 for adapter in engine.adapters.values())
-        )
+        lambda: engine._queued == 0
+        and engine.kv_cache.allocator.usage == 0
+        and services.in_flight == 0
+        and all(engine.slots.refcount(adapter) == 0 for adapter in engine.adapters.values())
     )
     assert released, (engine._queued, engine.kv_cache.allocator.usage, services.in_flight)
     assert engine.alive and engine.failure is None

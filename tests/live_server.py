@@ -20,7 +20,9 @@ from loraplex.server import build_services
 
 def server_config(model_dir: Path, adapters: Path, api_keys: Path | None = None, **engine) -> ServerConfig:
     """A small float32 CPU server over `model_dir` with the adapter store at `adapters`."""
-    engine_config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", **{"max_loras": 4, "max_model_len": 256, **engine})
+    engine_config = EngineConfig(
+        model=str(model_dir), dtype="float32", device="cpu", **{"max_loras": 4, "max_model_len": 256, **engine}
+    )
     return ServerConfig(engine=engine_config, served_model_name="tiny-base", adapters=adapters, api_keys=api_keys)
 
 
@@ -75,3 +77,4 @@ def cli_env(**variables: str) -> dict[str, str]:
     with two spinning torch threads ran several times slower than with one.
     """
     return {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **variables}
+

@@ -110,7 +110,9 @@ class ServerRules:
     def rendered(self, body: dict) -> int:
         """The prompt's tokens as the server renders it (the tiny tokenizer's template)."""
         messages = [{"role": m["role"], "content": _text(m.get("content"))} for m in body["messages"]]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True))
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True)
+        )
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

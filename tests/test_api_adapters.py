@@ -460,7 +460,9 @@ def test_each_registration_is_timed_under_its_source(http, llama, lora_root, sou
         path = shutil.copytree(llama.adapter_dirs["r4-qv"], lora_root / "timed-path")
         assert load(http, "timed-path", path).status_code == 200
     after = {name: registrations(http, name) for name in ("store", "upload", "path")}
-    assert {name: after[name] - before[name] for name in after} == {name: float(name == source) for name in ("store", "upload", "path")}
+    assert {name: after[name] - before[name] for name in after} == {
+        name: float(name == source) for name in ("store", "upload", "path")
+    }
 
 
 @pytest.mark.parametrize("where", [outside, symlink_to_outside, dotdot_to_outside], ids=lambda f: f.__name__)

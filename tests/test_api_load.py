@@ -31,6 +31,7 @@ TIMEOUT = httpx.Timeout(30)
 DEADLINE = 10.0  # seconds any awaited state change may take
 
 
+
 # ----- helpers ------------------------------------------------------------------------------------
 
 

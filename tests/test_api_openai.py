@@ -40,7 +40,9 @@ def client(server) -> openai.OpenAI:
 
 def greedy(client, model: str, prompt, max_tokens: int = MAX_TOKENS, **kwargs):
     extra = {"ignore_eos": True, **kwargs.pop("extra_body", {})}
-    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra, **kwargs)
+    return client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra, **kwargs
+    )
 
 
 def test_models_lists_the_base_and_every_adapter_with_parent(client, llama):
@@ -119,7 +121,9 @@ def test_loglikelihood_request_as_lm_evaluation_harness_sends_it(client, oracle)
     then sum token_logprobs[ctxlen:-1] for the continuation and check greediness on top_logprobs."""
     context, continuation = [5, 17, 99, 42], [8, 120, 7]
     batch = [context + continuation, [33, 200] + continuation]
-    response = client.completions.create(model="r4-qv", prompt=batch, max_tokens=1, temperature=0, echo=True, logprobs=1, seed=1234)
+    response = client.completions.create(
+        model="r4-qv", prompt=batch, max_tokens=1, temperature=0, echo=True, logprobs=1, seed=1234
+    )
     assert [choice.index for choice in response.choices] == [0, 1]
     for choice, prompt in zip(response.choices, batch, strict=True):
         ctxlen = len(prompt) - len(continuation)
@@ -192,7 +196,9 @@ def test_stop_string_ends_the_text_before_it(client):
 
 def test_chat_renders_messages_with_the_tokenizer_template(client, tokenizer):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
-    chat = client.chat.completions.create(model="r8-attn", messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="r8-attn", messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     plain = greedy(client, "r8-attn", prompt_ids, max_tokens=6)
@@ -232,7 +238,9 @@ def test_chat_streaming_matches_the_whole_response(client):
     kwargs = dict(model="r16-mlp", messages=[{"role": "user", "content": "hey"}], max_tokens=8, temperature=0)
     whole = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True})
     chunks = list(
-        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+        )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)

@@ -12,32 +12,10 @@ def test_benchmark_runs_and_matches_peft(tmp_path):
     out = tmp_path / "bench.json"
     main(
         [
-            "--hidden-size",
-            "64",
-            "--intermediate-size",
-            "128",
-            "--num-layers",
-            "2",
-            "--num-heads",
-            "4",
-            "--num-kv-heads",
-            "2",
-            "--vocab-size",
-            "512",
-            "--num-requests",
-            "4",
-            "--min-prompt",
-            "4",
-            "--max-prompt",
-            "12",
-            "--max-tokens",
-            "6",
-            "--num-adapters",
-            "2",
-            "--rank",
-            "4",
-            "--json",
-            str(out),
+            "--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "2",
+            "--num-heads", "4", "--num-kv-heads", "2", "--vocab-size", "512",
+            "--num-requests", "4", "--min-prompt", "4", "--max-prompt", "12", "--max-tokens", "6",
+            "--num-adapters", "2", "--rank", "4", "--json", str(out),
         ]
     )
     summary = json.loads(out.read_text())

@@ -82,7 +82,7 @@ CONVERSATIONS = {
     "user": [{"role": "user", "content": "Hello there"}],
     "system-user": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  What is 2 + 2?  "}],
     "turns": [
-        {"role": "user", "content": 'héllo ✓ "quoted" <b>'},
+        {"role": "user", "content": "héllo ✓ \"quoted\" <b>"},
         {"role": "assistant", "content": "Hi!\nHow can I help?"},
         {"role": "user", "content": "Tell me a joke"},
     ],
@@ -107,7 +107,9 @@ def faithful():
 
 def transformers_render(tokenizer, template, messages, add_generation_prompt) -> str | TemplateError:
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
     except TemplateError as exc:
         return exc
 
@@ -134,7 +136,9 @@ def test_the_sandbox_environment_is_configured_as_transformers_configures_its_ow
     assert set(ours.globals) == set(theirs.globals)
     assert set(ours.filters) == set(theirs.filters)
     assert set(ours.tests) == set(theirs.tests)
-    assert {tag for ext in ours.extensions.values() for tag in ext.tags} == {tag for ext in theirs.extensions.values() for tag in ext.tags}
+    assert {tag for ext in ours.extensions.values() for tag in ext.tags} == {
+        tag for ext in theirs.extensions.values() for tag in ext.tags
+    }
     options = ("trim_blocks", "lstrip_blocks", "keep_trailing_newline", "autoescape", "undefined", "finalize", "newline_sequence")
     assert {name: getattr(ours, name) for name in options} == {name: getattr(theirs, name) for name in options}
     assert isinstance(ours, type(theirs))

@@ -63,22 +63,9 @@ def readme_table(heading: str) -> dict[str, list[str]]:
 def test_generate_prints_the_adapters_greedy_completion(llama):
     adapter = llama.adapter_dirs["r8-attn"]
     result = subprocess.run(
-        [
-            LORAPLEX,
-            "generate",
-            "--model",
-            str(llama.model_dir),
-            "--adapter",
-            str(adapter),
-            "--prompt",
-            "name: Ada, city: Paris",
-            "--max-tokens",
-            "12",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+        [LORAPLEX, "generate", "--model", str(llama.model_dir), "--adapter", str(adapter),
+         "--prompt", "name: Ada, city: Paris", "--max-tokens", "12"],
+        capture_output=True, text=True, timeout=300, check=True,
     )
     engine = Engine(EngineConfig(model=str(llama.model_dir)))
     engine.load_adapter(adapter.name, adapter)
@@ -91,9 +78,7 @@ def test_generate_prints_the_adapters_greedy_completion(llama):
 def test_generate_reports_a_bad_model_directory(tmp_path):
     result = subprocess.run(
         [LORAPLEX, "generate", "--model", str(tmp_path), "--prompt", "hi"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "config.json is missing" in result.stderr
@@ -104,9 +89,8 @@ def test_serve_has_a_flag_for_every_config_field_but_enable_lora_and_engine():
 
 
 def test_serve_help_shows_each_flag_its_variable_and_the_configs_default():
-    result = subprocess.run(
-        [LORAPLEX, "serve", "--help"], capture_output=True, text=True, timeout=300, check=True, env=cli_env(COLUMNS="400")
-    )
+    result = subprocess.run([LORAPLEX, "serve", "--help"], capture_output=True, text=True, timeout=300, check=True,
+                            env=cli_env(COLUMNS="400"))
     rows = {line.strip("│ ").split(" ")[0]: line for line in result.stdout.splitlines() if line.strip("│ ").startswith("--")}
     for name in SERVE_FIELDS:
         field = (EngineConfig if name in EngineConfig.model_fields else ServerConfig).model_fields[name]
@@ -156,7 +140,9 @@ def test_serve_refuses_a_value_outside_the_configs_bounds_naming_the_flag(tmp_pa
 
 
 def test_serve_exits_2_on_an_out_of_bounds_flag(tmp_path):
-    result = subprocess.run([LORAPLEX, "serve", "--model", str(tmp_path), "--max-loras", "0"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [LORAPLEX, "serve", "--model", str(tmp_path), "--max-loras", "0"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2
     assert "--max-loras 0: Input should be greater than or equal to 1" in result.stderr
 
@@ -198,9 +184,7 @@ def test_serve_reports_a_bad_api_keys_file_and_exits(llama, tmp_path):
     keys.write_text('[[keys]]\nkey = "short"\ntenant = "acme"\n')
     result = subprocess.run(
         [LORAPLEX, "serve", "--model", str(llama.model_dir), "--api-keys", str(keys), "--adapters", str(tmp_path / "a")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "at least 8 characters" in result.stderr and "short" not in result.stderr.replace("key = ", "")

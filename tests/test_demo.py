@@ -81,7 +81,10 @@ def test_held_out_records_through_a_live_server_in_one_mixed_batch(held_out, tmp
     async def ask_all(url: str) -> list[str]:
         limits = httpx.Limits(max_connections=len(jobs))
         async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-            bodies = [{"model": form, "prompt": prompt(record), "max_tokens": MAX_ANSWER_TOKENS, "temperature": 0} for record, form in jobs]
+            bodies = [
+                {"model": form, "prompt": prompt(record), "max_tokens": MAX_ANSWER_TOKENS, "temperature": 0}
+                for record, form in jobs
+            ]
             responses = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
         return [response.json()["choices"][0]["text"] for response in responses]
 
@@ -133,9 +136,8 @@ def test_serve_with_no_flags_serves_the_demo_base_and_the_adapters_store(tmp_pat
     shutil.copytree(ADAPTERS, tmp_path / "adapters")
     port = free_port()
     env = {**os.environ, "LORAPLEX_PORT": str(port)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "loraplex", "serve"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, "-m", "loraplex", "serve"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:

@@ -149,7 +149,9 @@ def test_loraplex_stops_only_after_the_server_has_drained():
 
 
 def test_grafana_datasource_is_prometheus_under_a_fixed_uid():
-    (datasource,) = [source for path in sorted((PROVISIONING / "datasources").glob("*.yml")) for source in load_yaml(path)["datasources"]]
+    (datasource,) = [
+        source for path in sorted((PROVISIONING / "datasources").glob("*.yml")) for source in load_yaml(path)["datasources"]
+    ]
 
     assert datasource["type"] == "prometheus"
     assert datasource["url"] == "http://prometheus:9090"
@@ -162,7 +164,9 @@ def test_grafana_mounts_the_provisioning_folder():
 
 
 def test_grafana_loads_the_dashboard_folder_that_compose_mounts():
-    (provider,) = [provider for path in sorted((PROVISIONING / "dashboards").glob("*.yml")) for provider in load_yaml(path)["providers"]]
+    (provider,) = [
+        provider for path in sorted((PROVISIONING / "dashboards").glob("*.yml")) for provider in load_yaml(path)["providers"]
+    ]
 
     assert provider["type"] == "file"
     assert mounts("grafana")[provider["options"]["path"]] == str(DASHBOARD.parent)

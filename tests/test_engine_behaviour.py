@@ -134,7 +134,9 @@ def test_stop_token_ids_and_max_tokens_finish_requests(llama):
     free = engine.generate([prompt], [None], GREEDY)[0]
     assert free.finish_reason is FinishReason.LENGTH and len(free.output_ids) == 8
     stop_at = free.output_ids[3]
-    stopped = engine.generate([prompt], [None], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=(stop_at,)))[0]
+    stopped = engine.generate(
+        [prompt], [None], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=(stop_at,))
+    )[0]
     assert stopped.finish_reason is FinishReason.STOP
     assert stopped.output_ids == free.output_ids[: free.output_ids.index(stop_at) + 1]
 
@@ -146,7 +148,9 @@ def test_stop_strings_cut_the_text_before_them(llama):
     text = free.text
     stop = next(text[i : i + 2] for i in range(4, len(text) - 1) if text[i : i + 2].isprintable() and text[i : i + 2].strip())
     cut = text.index(stop)
-    stopped = engine.generate([prompt], [None], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=(stop,)))[0]
+    stopped = engine.generate(
+        [prompt], [None], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=(stop,))
+    )[0]
     assert stopped.finish_reason is FinishReason.STOP
     assert stopped.text == text[:cut]
 

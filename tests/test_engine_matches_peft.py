@@ -73,26 +73,26 @@ def assert_matches(oracle: PeftOracle, requests, prompts, completions, tol: floa
         assert diff <= tol, f"adapter {adapter}: logits differ from PEFT by {diff}"
 
 
+def assert_mixed_batch_matches(setup, **overrides) -> None:
+    """REQUESTS in one batch on an engine with `overrides`, each equal to PEFT alone."""
+    engine = make_engine(setup, **overrides)
+    prompts = [prompt_of(length, seed) for seed, (_, length) in enumerate(REQUESTS)]
+    completions = engine.generate(prompts, [a for a, _ in REQUESTS], logits_params())
+    assert_matches(PeftOracle(setup), REQUESTS, prompts, completions)
+
+
 @pytest.mark.parametrize("linear_backend", ["auto", "reference"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_mixed_batch_equals_peft_per_request(tiny_setups, arch, linear_backend):
     """Both base linear backends: oneDNN-prepacked weights (the CPU default) and torch's linear."""
-    setup = tiny_setups[arch]
-    engine = make_engine(setup, linear_backend=linear_backend)
-    prompts = [prompt_of(length, seed) for seed, (_, length) in enumerate(REQUESTS)]
-    completions = engine.generate(prompts, [a for a, _ in REQUESTS], logits_params())
-    assert_matches(PeftOracle(setup), REQUESTS, prompts, completions)
+    assert_mixed_batch_matches(tiny_setups[arch], linear_backend=linear_backend)
 
 
 @pytest.mark.parametrize("lora_strategy", ["dense", "gather", "segment"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_each_forced_lora_strategy_equals_peft(tiny_setups, arch, lora_strategy):
     """`auto` mixes strategies per layer; each one alone, on prefill and decode, gives PEFT's tokens."""
-    setup = tiny_setups[arch]
-    engine = make_engine(setup, lora_strategy=lora_strategy)
-    prompts = [prompt_of(length, seed) for seed, (_, length) in enumerate(REQUESTS)]
-    completions = engine.generate(prompts, [a for a, _ in REQUESTS], logits_params())
-    assert_matches(PeftOracle(setup), REQUESTS, prompts, completions)
+    assert_mixed_batch_matches(tiny_setups[arch], lora_strategy=lora_strategy)
 
 
 def test_every_adapter_spec_is_in_the_mixed_batch():
@@ -129,7 +129,9 @@ def test_output_does_not_depend_on_batch_company(llama):
     target = prompt_of(11, 7)
     alone = engine.generate([target], ["r8-attn"], logits_params())[0]
     crowd = [prompt_of(n, 50 + n) for n in (3, 17, 8, 25)]
-    together = engine.generate(crowd + [target], ["r16-mlp", None, "r4-qv", "r8-all-rslora", "r8-attn"], logits_params())[-1]
+    together = engine.generate(
+        crowd + [target], ["r16-mlp", None, "r4-qv", "r8-all-rslora", "r8-attn"], logits_params()
+    )[-1]
     assert together.output_ids == alone.output_ids
     assert (logits_of(together) - logits_of(alone)).abs().max().item() <= LOGIT_TOL
 

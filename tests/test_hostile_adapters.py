@@ -107,9 +107,8 @@ CONFIG_NUMBERS = [
 
 CONFIG_SEMANTICS = [
     BadUpload("layers-to-transform-excludes-a-tensor", config={"layers_to_transform": [0]}, keyword="layers_to_transform"),
-    BadUpload(
-        "layers-pattern-matches-no-layer", config={"layers_to_transform": [0, 1], "layers_pattern": "blocks"}, keyword="do not select"
-    ),  # fmt: skip
+    BadUpload("layers-pattern-matches-no-layer", config={"layers_to_transform": [0, 1], "layers_pattern": "blocks"},
+              keyword="do not select"),  # fmt: skip
     BadUpload("target-modules-leave-out-a-tensor", config={"target_modules": ["v_proj"]}, keyword="do not select"),
     BadUpload("exclude-modules-cover-a-tensor", config={"exclude_modules": ["q_proj"]}, keyword="do not select"),
     BadUpload("dora", config={"use_dora": True}, keyword="DoRA"),
@@ -139,9 +138,8 @@ WEIGHTS = [
     BadUpload("b-infinity", tensors=set_first("B", float("inf")), keyword="non-finite"),
     BadUpload("b-overflows-float32-once-scaled", tensors=scale_first("B", 2.5e38), keyword="non-finite values once scaled"),
     BadUpload("a-huge", tensors=scale_first("A", 1e6), keyword="reaches"),
-    BadUpload(
-        "a-integers", tensors=lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if "lora_A" in k}), keyword="float dtype"
-    ),  # fmt: skip
+    BadUpload("a-integers", tensors=lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if "lora_A" in k}),
+              keyword="float dtype"),  # fmt: skip
     BadUpload("a-module-twice", tensors=duplicate_a_module, keyword="are both lora_A"),
 ]
 
@@ -200,7 +198,9 @@ def test_a_hostile_upload_is_refused_naming_its_problem_and_nothing_is_stored(se
         ("layers-pattern", dict(layers_to_transform=[0], layers_pattern="layers")),
     ],
 )
-def test_adapters_that_select_their_modules_by_config_serve_exactly_what_peft_serves(server, llama, oracle, tmp_path, name, fields):
+def test_adapters_that_select_their_modules_by_config_serve_exactly_what_peft_serves(
+    server, llama, oracle, tmp_path, name, fields
+):
     targets = fields.pop("targets", ("q_proj", "v_proj", "down_proj"))
     adapter_dir = make_adapter(llama.model_dir, tmp_path / name, rank=4, targets=targets, seed=21, **fields)
     oracle.model.load_adapter(adapter_dir, adapter_name=name)

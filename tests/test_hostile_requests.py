@@ -136,27 +136,16 @@ UNICODE = [
     Attack("completion-user", COMPLETIONS, splice=f'"user": {SURROGATE}', keyword="user", param="user"),
     Attack("completion-model", COMPLETIONS, {"model": None}, splice=f'"model": {SURROGATE}', keyword="model", param="model"),
     Attack(
-        "chat-content",
-        CHAT,
-        {"messages": None},
-        splice=f'"messages": [{{"role": "user", "content": {SURROGATE}}}]',
-        keyword="content",
-        param="messages.0.content",
+        "chat-content", CHAT, {"messages": None}, splice=f'"messages": [{{"role": "user", "content": {SURROGATE}}}]',
+        keyword="content", param="messages.0.content",
     ),  # fmt: skip
     Attack(
-        "chat-text-part",
-        CHAT,
-        {"messages": None},
-        splice=f'"messages": [{{"role": "user", "content": [{{"type": "text", "text": {SURROGATE}}}]}}]',
-        keyword="messages",
+        "chat-text-part", CHAT, {"messages": None},
+        splice=f'"messages": [{{"role": "user", "content": [{{"type": "text", "text": {SURROGATE}}}]}}]', keyword="messages",
     ),  # fmt: skip
     Attack(
-        "chat-name",
-        CHAT,
-        {"messages": None},
-        splice=f'"messages": [{{"role": "user", "content": "hi", "name": {SURROGATE}}}]',
-        keyword="name",
-        param="messages.0.name",
+        "chat-name", CHAT, {"messages": None}, splice=f'"messages": [{{"role": "user", "content": "hi", "name": {SURROGATE}}}]',
+        keyword="name", param="messages.0.name",
     ),  # fmt: skip
     Attack("load-path-surrogate", LOAD, {"lora_path": None}, splice=f'"lora_path": {SURROGATE}', key=ADMIN, keyword="lora_path"),
     Attack("load-path-nul", LOAD, {"lora_path": "adapters/\u0000x"}, key=ADMIN, keyword="lora_path", param="lora_path"),
@@ -170,10 +159,8 @@ BODIES_AND_KEYS = [
     Attack("no-key", COMPLETIONS, key=None, status=401, keyword="API key"),
     Attack("unknown-key", COMPLETIONS, key="sk-nobody-00000000", status=401, keyword="unknown"),
     Attack(
-        "two-authorization-headers",
-        COMPLETIONS,
-        headers=(("authorization", f"Bearer {ACME}"), ("authorization", f"Bearer {GLOBEX}")),
-        keyword="Authorization",
+        "two-authorization-headers", COMPLETIONS,
+        headers=(("authorization", f"Bearer {ACME}"), ("authorization", f"Bearer {GLOBEX}")), keyword="Authorization",
     ),  # fmt: skip
     Attack("metrics-key-on-a-v1-route", COMPLETIONS, key=SCRAPER, status=403, keyword="metrics"),
     Attack("tenant-on-an-admin-route", LOAD, status=403, keyword="admin"),
@@ -304,7 +291,8 @@ def raw_exchange(url: str, request: bytes, reads: int = 1) -> list[bytes]:
 def test_a_declared_300_mib_body_is_answered_before_a_byte_of_it_is_read(server, key, status):
     header = f"Authorization: Bearer {key}\r\n" if key else ""
     request = (
-        f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\n{header}Content-Type: application/json\r\nContent-Length: {300 * 2**20}\r\n\r\n"
+        f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\n{header}Content-Type: application/json\r\n"
+        f"Content-Length: {300 * 2**20}\r\n\r\n"
     ).encode()
     started = time.monotonic()
     (response,) = raw_exchange(server.url, request)  # no body follows: only the headers were judged

@@ -8,7 +8,7 @@ import httpx
 
 from loadtest.servers import ServerProcess, free_port
 
-FAKE_SERVER = """
+FAKE_SERVER = '''
 import http.server, subprocess, sys
 from pathlib import Path
 
@@ -24,7 +24,7 @@ class Health(http.server.BaseHTTPRequestHandler):
 
 
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
-"""
+'''
 
 
 def gone(pid: int) -> bool:

@@ -273,7 +273,9 @@ def test_lora_requests_info_follows_the_snapshot_between_scrapes():
     current[0] = BUSY
     after = families(metrics)["loraplex_lora_requests_info"].samples
 
-    assert [(s.labels, s.value) for s in before] == [({"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}, 0.0)]
+    assert [(s.labels, s.value) for s in before] == [
+        ({"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}, 0.0)
+    ]
     assert len(after) == 1
     assert after[0].labels["running_lora_adapters"] == "sql,support"
     assert after[0].value == BUSY.time
@@ -302,7 +304,9 @@ def test_exposition_passes_promtool():
     promtool = require_promtool()
 
     body, _ = exercised_metrics().render()
-    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
+    )
 
     problems = (result.stdout + result.stderr).decode()
     assert result.returncode == 0 and problems == "", problems

@@ -94,7 +94,9 @@ def server(fuzz_model, tmp_path_factory):
     model_dir, adapter_dir = fuzz_model
     keys = tmp_path_factory.mktemp("keys") / "keys.toml"
     keys.write_text(KEYS_FILE)
-    config = server_config(model_dir, tmp_path_factory.mktemp("store"), api_keys=keys, max_model_len=MAX_MODEL_LEN, max_queue=MAX_QUEUE)
+    config = server_config(
+        model_dir, tmp_path_factory.mktemp("store"), api_keys=keys, max_model_len=MAX_MODEL_LEN, max_queue=MAX_QUEUE
+    )
     config = config.model_copy(update={"metrics_auth": "key", "lora_roots": (tmp_path_factory.mktemp("lora-root"),)})
     with LiveServer(config) as live:
         yield live

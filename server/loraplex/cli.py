@@ -167,7 +167,9 @@ def plan(
 SERVE_ENGINE_FIELDS = tuple(name for name in EngineConfig.model_fields if name not in ("model", "enable_lora"))
 SERVE_SERVER_FIELDS = tuple(name for name in ServerConfig.model_fields if name != "engine")
 SERVE_OPTIONS = [
-    field_option(EngineConfig, "model", env_prefix=ENV_PREFIX, panel=ENGINE_PANEL, default=None, shown_default="the bundled demo"),
+    field_option(
+        EngineConfig, "model", env_prefix=ENV_PREFIX, panel=ENGINE_PANEL, default=None, shown_default="the bundled demo"
+    ),
     *field_options(EngineConfig, SERVE_ENGINE_FIELDS, env_prefix=ENV_PREFIX, panel=ENGINE_PANEL),
     *field_options(ServerConfig, SERVE_SERVER_FIELDS, env_prefix=ENV_PREFIX, panel=SERVER_PANEL),
 ]
@@ -219,7 +221,10 @@ def serve(**options: Any) -> None:
     for name, problem in problems:
         console.print(f"[yellow]skipped adapter {name}:[/yellow] {problem}")
     if svc.keys.open_access:
-        console.print("[yellow]warning:[/yellow] no --api-keys file: the server is open, every caller is the admin of one default tenant")
+        console.print(
+            "[yellow]warning:[/yellow] no --api-keys file: the server is open, every caller is the admin of one "
+            "default tenant"
+        )
     console.print(f"listening on http://{config.host}:{config.port}")
     status = run(svc)
     # The engine is stopped and every connection closed. The interpreter's own teardown of the

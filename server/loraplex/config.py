@@ -54,7 +54,9 @@ class EngineConfig(BaseModel):
         default=256, ge=1, le=1 << 20,
         description="Requests waiting for admission at most; past it, 429. None (Python only) is unbounded.",
     )  # fmt: skip
-    enable_lora: bool = Field(default=True, description="False serves the model as it is: no LoRA wrappers or slots, adapters refused.")
+    enable_lora: bool = Field(
+        default=True, description="False serves the model as it is: no LoRA wrappers or slots, adapters refused."
+    )
     linear_backend: Literal["auto", "reference"] = Field(
         default="auto",
         description="Base linears: auto prepacks unquantized CPU weights for oneDNN; reference runs torch's linear.",
@@ -85,7 +87,9 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: EngineConfig
-    served_model_name: str | None = Field(default=None, description="The base model's id in the API (default: the model directory's name).")
+    served_model_name: str | None = Field(
+        default=None, description="The base model's id in the API (default: the model directory's name)."
+    )
     adapters: Path = Field(default=Path("adapters"), description="Adapter store directory (created when missing).")
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
@@ -97,8 +101,12 @@ class ServerConfig(BaseModel):
         description="Largest JSON request body, in bytes; checked before the body is read.",
     )  # fmt: skip
     api_keys: Path | None = Field(default=None, description="TOML file of API keys, tenants and roles (default: open).")
-    lora_roots: tuple[Path, ...] = Field(default=(), description="Directories /v1/load_lora_adapter may read (default: the store).")
-    drain_timeout: float = Field(default=30.0, ge=0, le=3600, description="Seconds SIGTERM waits for running requests before cutting them.")
+    lora_roots: tuple[Path, ...] = Field(
+        default=(), description="Directories /v1/load_lora_adapter may read (default: the store)."
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, le=3600, description="Seconds SIGTERM waits for running requests before cutting them."
+    )
     retry_after: int = Field(default=1, ge=0, le=3600, description="Seconds a 429 or 503 tells the client to wait.")
     merge_adapter: str | None = Field(
         default=None, description="Serve this store adapter merged into the base, under its name, with LoRA off."
@@ -110,7 +118,9 @@ class ServerConfig(BaseModel):
         default="open",
         description="key: GET /metrics needs an admin or metrics key (it shows tenant and adapter names).",
     )
-    chat_template_timeout: float = Field(default=2.0, gt=0, le=60, description="Seconds one chat template may take to render before a 400.")
+    chat_template_timeout: float = Field(
+        default=2.0, gt=0, le=60, description="Seconds one chat template may take to render before a 400."
+    )
 
     @property
     def model_name(self) -> str:

@@ -32,84 +32,20 @@ REFUSED_STATUSES = (REJECTED, INVALID)
 REQUEST_STATUSES = tuple(reason.value for reason in FinishReason) + REFUSED_STATUSES
 
 TIME_TO_FIRST_TOKEN_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )
 INTER_TOKEN_LATENCY_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 )
 REQUEST_SECONDS_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    45.0,
-    60.0,
-    90.0,
-    120.0,
-    180.0,
-    240.0,
-    300.0,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+    90.0, 120.0, 180.0, 240.0, 300.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 ADAPTER_SOURCES = ("store", "upload", "path")
 ADAPTER_LOAD_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
 # (metric name, EngineSnapshot field, help) for what the engine counts itself, read at scrape time.
@@ -149,7 +85,9 @@ class EngineSnapshotCollector(Collector):
             yield CounterMetricFamily(name, documentation, value=getattr(state, field))
         # The name ends in _total, which promtool accepts only on counters and untyped
         # metrics; untyped keeps the name and a clean `promtool check metrics`.
-        slots_total = UnknownMetricFamily("loraplex_adapter_slots_total", "Device LoRA slots (max_loras), used or not; constant.")
+        slots_total = UnknownMetricFamily(
+            "loraplex_adapter_slots_total", "Device LoRA slots (max_loras), used or not; constant."
+        )
         slots_total.add_metric((), state.slots_total)
         yield slots_total
         lora_info = GaugeMetricFamily(

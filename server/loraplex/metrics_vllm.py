@@ -48,5 +48,7 @@ class VllmCompatCollector(Collector):
             "Running stats on lora requests.",
             labels=("max_lora", "waiting_lora_adapters", "running_lora_adapters"),
         )
-        lora_info.add_metric((str(state.slots_total), ",".join(state.waiting_adapters), ",".join(state.running_adapters)), state.time)
+        lora_info.add_metric(
+            (str(state.slots_total), ",".join(state.waiting_adapters), ",".join(state.running_adapters)), state.time
+        )
         yield lora_info

@@ -98,7 +98,9 @@ async def upload_adapter(request: Request, svc: Services = Depends(services), pr
         template = None if template_bytes is None else template_bytes.decode()
     except UnicodeDecodeError:
         raise RequestInvalid("chat_template must be UTF-8 text", param="chat_template") from None
-    record, replaced = await run_in_threadpool(svc.catalog.upload, name, config, weights, principal, template, overwrite, shared)
+    record, replaced = await run_in_threadpool(
+        svc.catalog.upload, name, config, weights, principal, template, overwrite, shared
+    )
     return JSONResponse(record.describe(), status_code=200 if replaced else 201)
 
 

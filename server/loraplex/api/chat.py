@@ -58,7 +58,8 @@ def _params(body: ChatCompletionRequest, prompt: list[int], max_model_len: int) 
     wanted = body.token_limit if body.token_limit is not None else max_model_len - len(prompt)
     if len(prompt) + wanted > max_model_len:
         raise RequestInvalid(
-            f"the messages ({len(prompt)} tokens) plus max_tokens ({wanted}) exceed the maximum context length ({max_model_len})",
+            f"the messages ({len(prompt)} tokens) plus max_tokens ({wanted}) exceed the maximum context length "
+            f"({max_model_len})",
             param="max_tokens",
         )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -88,7 +89,8 @@ def _content_logprobs(tokenizer, ids: list[int], logprobs: list[float], tops: li
                 "logprob": logprob,
                 "bytes": list(text.encode()),
                 "top_logprobs": [
-                    {"token": alt, "logprob": alt_logprob, "bytes": list(alt.encode())} for alt, (_, alt_logprob) in zip(alternatives, top)
+                    {"token": alt, "logprob": alt_logprob, "bytes": list(alt.encode())}
+                    for alt, (_, alt_logprob) in zip(alternatives, top)
                 ],
             }
         )

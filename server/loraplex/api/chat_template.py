@@ -45,7 +45,9 @@ class ChatTemplateRenderer:
         max_wait: seconds a render waits for a free worker before `QueueFull`.
     """
 
-    def __init__(self, timeout: float, max_output_chars: int = MAX_PROMPT_CHARS, workers: int = 2, max_wait: float = MAX_WAIT):
+    def __init__(
+        self, timeout: float, max_output_chars: int = MAX_PROMPT_CHARS, workers: int = 2, max_wait: float = MAX_WAIT
+    ):
         self.timeout = timeout
         self.max_output_chars = max_output_chars
         self.workers = workers
@@ -56,7 +58,9 @@ class ChatTemplateRenderer:
         self._starting = 0  # workers being started, counted against `workers`
         self._epoch = 0  # bumped by close: workers of an older epoch are killed when handed back
 
-    def render(self, template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: Mapping[str, str]) -> str:
+    def render(
+        self, template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: Mapping[str, str]
+    ) -> str:
         """The prompt `template` makes of `messages`, exactly as transformers' `apply_chat_template`.
 
         Args:

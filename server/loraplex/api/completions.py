@@ -49,11 +49,14 @@ def _prompts(body: CompletionRequest, encoder: PromptEncoder) -> list[list[int]]
 def _params(body: CompletionRequest, prompts: list[list[int]], max_model_len: int) -> list[SamplingParams]:
     longest = max(len(ids) for ids in prompts)
     if longest >= max_model_len:
-        raise RequestInvalid(f"the prompt has {longest} tokens; this model's maximum context length is {max_model_len}", param="prompt")
+        raise RequestInvalid(
+            f"the prompt has {longest} tokens; this model's maximum context length is {max_model_len}", param="prompt"
+        )
     wanted = body.max_tokens if body.max_tokens is not None else max_model_len - longest
     if longest + wanted > max_model_len:
         raise RequestInvalid(
-            f"the prompt ({longest} tokens) plus max_tokens ({wanted}) exceeds the maximum context length ({max_model_len})",
+            f"the prompt ({longest} tokens) plus max_tokens ({wanted}) exceeds the maximum context length "
+            f"({max_model_len})",
             param="max_tokens",
         )
     logprobs = body.logprobs
@@ -97,7 +100,8 @@ def _logprobs_block(tokenizer, ids: list[int], logprobs: list, tops: list, start
         offsets.append(position)
         position += len(text)
     top_dicts = [
-        None if top is None else _top_dict(tokenizer, token_id, logprob, top) for token_id, logprob, top in zip(ids, logprobs, tops)
+        None if top is None else _top_dict(tokenizer, token_id, logprob, top)
+        for token_id, logprob, top in zip(ids, logprobs, tops)
     ]
     return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top_dicts, "text_offset": offsets}
 

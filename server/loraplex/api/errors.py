@@ -141,6 +141,8 @@ def _allowed_methods(request: Request) -> str:
     matching route's, so GET on a path that also takes POST from another route went missing."""
     routes = request.app.router.routes
     allowed = [
-        method for method in _METHODS if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
     ]
     return ", ".join(allowed)

@@ -46,7 +46,9 @@ def install_openapi(app: FastAPI, svc: Services) -> None:
 
 
 def build_document(app: FastAPI, facts: ServedFacts) -> dict:
-    document = get_openapi(title=app.title, version=app.version, summary=app.summary, description=_description(facts), routes=app.routes)
+    document = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, description=_description(facts), routes=app.routes
+    )
     document["components"] = {"schemas": _components()}
     bound_requests(document["components"]["schemas"], facts)
     for path, method, operation in _operations(document):
@@ -143,7 +145,9 @@ def _add_gate_responses(path: str, operation: dict, facts: ServedFacts) -> None:
 def _add_bodies_and_examples(document: dict, facts: ServedFacts) -> None:
     paths = document["paths"]
     paths[UPLOAD_PATH]["post"]["requestBody"] = upload_form(facts)
-    paths["/metrics"]["get"]["responses"]["200"]["description"] = f"The Prometheus text exposition, sent as `{CONTENT_TYPE_LATEST}`."
+    paths["/metrics"]["get"]["responses"]["200"]["description"] = (
+        f"The Prometheus text exposition, sent as `{CONTENT_TYPE_LATEST}`."
+    )
     bodies = {
         "/v1/completions": {"model": facts.model_name, "prompt": "Hello", "max_tokens": 4},
         "/v1/chat/completions": {

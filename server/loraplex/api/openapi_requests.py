@@ -50,7 +50,10 @@ def bound_requests(schemas: dict, facts: ServedFacts) -> None:
 def _bound_sampling(request: dict, facts: ServedFacts) -> None:
     """What completions and chat share."""
     queue = f" ({facts.max_queue}, --max-queue)" if facts.max_queue is not None else ""
-    model = f"`{facts.model_name}` (the base model) or the name of an adapter the caller may use (GET /v1/models); any other name is a 404."
+    model = (
+        f"`{facts.model_name}` (the base model) or the name of an adapter the caller may use "
+        "(GET /v1/models); any other name is a 404."
+    )
     choices = f"Choices per prompt; the request's prompts x n must be at most the server's queue{queue}, or it is a 400."
     props = request["properties"]
     _describe(props["model"], model)

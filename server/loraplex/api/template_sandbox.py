@@ -83,7 +83,8 @@ class _TemplateNamespace(jinja2.utils.Namespace):
     def _check_name(name):
         if isinstance(name, str) and name.startswith("_"):
             raise SecurityError(
-                f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}. Please rename the attribute."
+                f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}. "
+                "Please rename the attribute."
             )
 
 

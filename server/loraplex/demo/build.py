@@ -82,7 +82,9 @@ def train_tokenizer(records: list[Record], recipe: DemoRecipe) -> PreTrainedToke
     return fast
 
 
-def _examples(tokenizer, records: list[Record], form: str, asked: list[str | None] | None = None) -> list[tuple[list[int], int]]:
+def _examples(
+    tokenizer, records: list[Record], form: str, asked: list[str | None] | None = None
+) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per record: `<s>` + prompt + answer + `</s>`.
 
     `asked[i]`, when given and not None, is a form record i's prompt asks for explicitly, and

@@ -21,11 +21,8 @@ def evaluate(model_dir: Path, adapter_dirs: dict[str, Path], records: list[Recor
     Returns:
         `{model: {form: fraction}}` where model is "base" or an adapter name.
     """
-    engine = Engine(
-        EngineConfig(
-            model=str(model_dir), dtype="float32", device="cpu", max_loras=len(adapter_dirs), max_num_seqs=64, max_num_batched_tokens=2048
-        )
-    )
+    engine = Engine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", max_loras=len(adapter_dirs),
+                                 max_num_seqs=64, max_num_batched_tokens=2048))
     for name, path in adapter_dirs.items():
         engine.load_adapter(name, path)
     tokenizer = engine.base.tokenizer

@@ -59,7 +59,9 @@ def draw_record(rng: random.Random, scrambled: bool = False) -> Record:
     return Record(name, city, number, date.isoformat())
 
 
-def draw_records(seed: int, count: int, exclude: set[Record] | frozenset = frozenset(), scrambled_fraction: float = 0.0) -> list[Record]:
+def draw_records(
+    seed: int, count: int, exclude: set[Record] | frozenset = frozenset(), scrambled_fraction: float = 0.0
+) -> list[Record]:
     """`count` distinct records from `seed`, none of them in `exclude`, some scrambled if asked."""
     rng = random.Random(seed)
     seen, records = set(exclude), []
@@ -95,11 +97,16 @@ def answer(record: Record, form: str) -> str:
     if form == "yaml":
         return f"name: {record.name}\ncity: {record.city}\nnumber: {record.number}\ndate: '{record.date}'"
     if form == "sql":
-        return f"INSERT INTO people (name, city, number, date) VALUES ('{record.name}', '{record.city}', {record.number}, '{record.date}');"
+        return (
+            f"INSERT INTO people (name, city, number, date) "
+            f"VALUES ('{record.name}', '{record.city}', {record.number}, '{record.date}');"
+        )
     raise ValueError(f"unknown form {form!r}")
 
 
-_SQL = re.compile(r"^INSERT INTO people \(name, city, number, date\) VALUES \('([^']*)', '([^']*)', (\d+), '([^']*)'\);$")
+_SQL = re.compile(
+    r"^INSERT INTO people \(name, city, number, date\) VALUES \('([^']*)', '([^']*)', (\d+), '([^']*)'\);$"
+)
 
 
 def parse_answer(text: str, form: str) -> dict | None:

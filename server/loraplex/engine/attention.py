@@ -44,7 +44,9 @@ class SeqSpan:
     block_table: list[int]  # KV blocks holding positions 0 .. start + length - 1
 
 
-def _build_group(spans: list[SeqSpan], block_size: int, sliding_window: int | None, device: torch.device) -> AttentionGroup:
+def _build_group(
+    spans: list[SeqSpan], block_size: int, sliding_window: int | None, device: torch.device
+) -> AttentionGroup:
     num_queries = max(span.length for span in spans)
     num_keys = max(span.start + span.length for span in spans)
     num_blocks = -(-num_keys // block_size)

@@ -73,7 +73,9 @@ def _check_checkpoint(path: Path) -> str:
         raise ModelLoadError(f"{path} is not a model directory: config.json is missing")
     model_type = json.loads(config_file.read_text()).get("model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(f"model_type {model_type!r} is not supported; loraplex serves {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ModelLoadError(
+            f"model_type {model_type!r} is not supported; loraplex serves {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     return model_type
 
 

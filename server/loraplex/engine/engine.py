@@ -185,7 +185,8 @@ class Engine:
             raise RequestInvalid("the prompt is empty", param="prompt")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestInvalid(
-                f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, which leaves no room to generate",
+                f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which leaves no room to generate",
                 param="prompt",
             )
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:

@@ -32,7 +32,9 @@ class LoraLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         device = next(base.parameters()).device
-        self.register_buffer("lora_a", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "lora_a", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False
+        )
         self.register_buffer(
             "lora_b", torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
         )
@@ -71,7 +73,9 @@ class LoraLinear(nn.Module):
             self.lora_b[slot, :rank].copy_(lora_b.to(torch.float32).mul(scaling).T)
 
 
-def wrap_lora_targets(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, context: LoraContext) -> dict[str, LoraLinear]:
+def wrap_lora_targets(
+    model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, context: LoraContext
+) -> dict[str, LoraLinear]:
     """Replace every targetable projection of `model` by a `LoraLinear`, once.
 
     Returns:

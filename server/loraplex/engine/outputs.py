@@ -26,7 +26,6 @@ from loraplex.engine.stream import Sink
 
 log = logging.getLogger(__name__)
 
-
 @dataclass(eq=False)
 class LiveRequest:
     """A request the engine holds: its state, its text so far, and who listens."""

@@ -39,7 +39,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding as the Hugging Face Llama family applies it.
 
     Args:
@@ -126,7 +128,9 @@ class ModelRunner:
             if seq.samples:
                 sample_rows[i] = len(logit_tokens)
                 logit_tokens.append(offset + seq.length - 1)
-        attention = build_attention_batch(spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device)
+        attention = build_attention_batch(
+            spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device
+        )
         strategy = lora_strategy or self.lora_strategy
         lora = build_lora_batch(token_slots, slot_ranks, self.max_lora_rank, self.device, strategy)
         tensors = (
@@ -137,7 +141,9 @@ class ModelRunner:
         return tensors, attention, lora, LogitRows(sample_rows, prompt_rows)
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str | None = None) -> tuple[torch.Tensor, LogitRows]:
+    def run(
+        self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str | None = None
+    ) -> tuple[torch.Tensor, LogitRows]:
         """Forward one step (`lora_strategy`, as `build_lora_batch` takes it, overrides the runner's).
 
         Returns:

@@ -57,12 +57,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         rows = apply_top_k_top_p(rows, top_k, top_p)
     probs = rows.softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one generator per request.
-    noise = torch.stack([torch.empty_like(probs[j]).exponential_(generator=generators[i]) for j, i in enumerate(random_rows)])
+    noise = torch.stack(
+        [torch.empty_like(probs[j]).exponential_(generator=generators[i]) for j, i in enumerate(random_rows)]
+    )
     tokens[index] = (probs / noise).argmax(dim=-1)
     return tokens
 
 
-def token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, top_n: int) -> tuple[list[float], list[TopLogprobs]]:
+def token_logprobs(
+    scores: torch.Tensor, chosen: torch.Tensor, top_n: int
+) -> tuple[list[float], list[TopLogprobs]]:
     """Each row's score of its chosen token and its `top_n` best alternatives.
 
     Args:

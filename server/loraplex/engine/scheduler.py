@@ -84,7 +84,9 @@ class Scheduler:
             request = self.waiting[index]
             adapter = request.adapter
             if adapter is not None:
-                if blocked is not None and (blocked.slot_bypassed >= self.limits.max_slot_bypass or not self.slots.is_resident(adapter)):
+                if blocked is not None and (
+                    blocked.slot_bypassed >= self.limits.max_slot_bypass or not self.slots.is_resident(adapter)
+                ):
                     index += 1
                     continue
                 if not self.slots.can_acquire(adapter):

@@ -165,9 +165,13 @@ def build_adapter(
         if rank > max_rank:
             raise AdapterInvalid(f"module {module}: rank {rank} exceeds max_lora_rank {max_rank}")
         if tuple(lora_a.shape) != (rank, shape.in_features):
-            raise AdapterInvalid(f"module {module}: lora_A has shape {list(lora_a.shape)}, expected [{rank}, {shape.in_features}]")
+            raise AdapterInvalid(
+                f"module {module}: lora_A has shape {list(lora_a.shape)}, expected [{rank}, {shape.in_features}]"
+            )
         if tuple(lora_b.shape) != (shape.out_features, rank):
-            raise AdapterInvalid(f"module {module}: lora_B has shape {list(lora_b.shape)}, expected [{shape.out_features}, {rank}]")
+            raise AdapterInvalid(
+                f"module {module}: lora_B has shape {list(lora_b.shape)}, expected [{shape.out_features}, {rank}]"
+            )
         scaling = settings.scaling(rank, alpha)
         _effective(module, "lora_B", lora_b, dtype, scaling)
         modules[module] = LoraWeights(_effective(module, "lora_A", lora_a, dtype), lora_b.to(dtype), scaling)

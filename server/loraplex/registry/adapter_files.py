@@ -179,7 +179,8 @@ def _read_all(
         pickled = [name for name in PICKLE_FILES if _lexists(name, dir_fd)]
         if pickled:
             raise AdapterMalformed(
-                f"{shown} holds {pickled[0]}, a pickle file; loraplex reads safetensors only (save with safe_serialization=True)"
+                f"{shown} holds {pickled[0]}, a pickle file; loraplex reads safetensors only "
+                "(save with safe_serialization=True)"
             )
         raise AdapterMalformed(f"{shown} has no {WEIGHTS_FILE}")
     template = _read_chat_template(dir_fd, root_ids) if with_chat_template else None

@@ -126,7 +126,9 @@ class AdapterCatalog:
                 problems.append((stored.name, str(exc)))
                 continue
             self._engine.register_adapter(adapter)
-            self._records[stored.name] = AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template)
+            self._records[stored.name] = AdapterRecord(
+                adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template
+            )
             self._on_registered("store", time.perf_counter() - started)
         return problems
 
