@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 # The cost model behind `auto`, in units of one LoRA element gathered (about 0.6 ns on the 2-core
-# EPYC it was fitted on: fp32, one thread; `python -m loadtest.lora_strategies` refits it).
+# EPYC it was fitted on: fp32, one thread; `python -m loadtest.lora_strategies` checks it).
 OP_OVERHEAD = 16_000  # an op's fixed cost (dispatch, oneDNN set-up)
 SEGMENT_READ = 0.2  # an element read by a matmul, against one gathered (copied)
 DENSE_FLOP = 1 / 15  # an element multiplied through by the dense strategy for one token
