@@ -4,8 +4,9 @@ Owns: timing `add_lora_delta` under each forced strategy for layer shapes of the
 step mixes from decode over a few slots to prefill, and printing, beside the times, the strategy
 `auto` picks (`lora_ops.strategy_cost`) and how much slower it is than the fastest one (its regret).
 A regret above a few tens of percent on a new machine says the constants at the top of
-`engine/lora_ops.py` need refitting there. It must not change them, nor run inside the test suite
-(it is a benchmark: `python -m loadtest.lora_strategies`).
+`engine/lora_ops.py` need refitting there. Before timing, it checks that the three strategies give
+the same delta. It must not change the constants; the test suite runs it once with one repeat,
+as a smoke test, and never reads its timings.
 """
 
 import random
@@ -56,10 +57,14 @@ def main(
             ranks = {s: rank for s in seqs}
             x = torch.randn(len(token_slots), d_in)  # [T, in]
             y = torch.zeros(len(token_slots), d_out)  # [T, out]
-            timings = {}
+            timings, deltas = {}, {}
             for strategy in TIMED_STRATEGIES:
                 batch = build_lora_batch(token_slots, ranks, rank, x.device, strategy)
+                deltas[strategy] = torch.zeros_like(y)
+                add_lora_delta(deltas[strategy], x, lora_a, lora_b, batch)
                 timings[strategy] = _seconds(lambda b=batch: add_lora_delta(y, x, lora_a, lora_b, b), repeats)
+            for strategy in TIMED_STRATEGIES[1:]:  # the timings compare equal work, or they mean nothing
+                torch.testing.assert_close(deltas[strategy], deltas[TIMED_STRATEGIES[0]], rtol=1e-4, atol=1e-5)
             auto = build_lora_batch(token_slots, ranks, rank, x.device).strategy_for(d_in + d_out)
             regret = timings[auto] / min(timings.values()) - 1
             worst = max(worst, regret)
