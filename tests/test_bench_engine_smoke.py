@@ -1,7 +1,7 @@
 """The engine benchmark scripts run end to end: bench_engine on a toy shape with PEFT-identical outputs,
 lora_strategies over its shapes on equal work.
 
-This checks that the script works, not how fast anything is: timings are never asserted.
+This checks that the scripts work, not how fast anything is: timings are never asserted.
 """
 
 import json
