@@ -65,10 +65,10 @@ def main(
                 timings[strategy] = _seconds(lambda b=batch: add_lora_delta(y, x, lora_a, lora_b, b), repeats)
             for strategy in TIMED_STRATEGIES[1:]:  # the timings compare equal work, or they mean nothing
                 torch.testing.assert_close(deltas[strategy], deltas[TIMED_STRATEGIES[0]], rtol=1e-4, atol=1e-5)
-            auto = build_lora_batch(token_slots, ranks, rank, x.device).strategy_for(d_in + d_out)
+            auto_batch = build_lora_batch(token_slots, ranks, rank, x.device)
+            auto, runs = auto_batch.strategy_for(d_in + d_out), len(auto_batch.segments)
             regret = timings[auto] / min(timings.values()) - 1
             worst = max(worst, regret)
-            runs = len(build_lora_batch(token_slots, ranks, rank, x.device).segments)
             print(f"{d_in:>5}x{d_out:<5} {tokens:>4} {slot_range:>3} {runs:>4} "
                   + " ".join(f"{timings[s] * 1e6:>7.0f}us" for s in TIMED_STRATEGIES)
                   + f"   {auto:>10}   {regret:>6.0%}")  # fmt: skip
