@@ -123,12 +123,19 @@ def grew(before: Samples, after: Samples, name: str, **labels: str) -> float:
 # ----- servers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(llama, tmp_path_factory):
-    """The shared server: room for several long requests at once, and one uploaded adapter."""
+ENGINE_MODES, ENGINE_IDS = [False, True], ["engine-thread", "engine-process"]  # engine_process off, on
+
+
+@pytest.fixture(scope="module", params=ENGINE_MODES, ids=ENGINE_IDS)
+def server(llama, tmp_path_factory, request):
+    """The shared server: room for several long requests at once, and one uploaded adapter.
+
+    Once with the engine on a server thread, once in a process of its own (`loraplex serve`'s way).
+    """
     config = server_config(
         llama.model_dir,
         tmp_path_factory.mktemp("adapters"),
+        engine_process=request.param,
         max_loras=MAX_LORAS,
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=8,
@@ -146,10 +153,13 @@ def client(server):
     wait_until(lambda: engine_idle(server.engine), "idle after the test")
 
 
-@pytest.fixture(scope="module")
-def queue_server(llama, tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINE_MODES, ids=ENGINE_IDS)
+def queue_server(llama, tmp_path_factory, request):
     """One request may run and one may wait; a third is refused."""
-    config = server_config(llama.model_dir, tmp_path_factory.mktemp("adapters"), max_model_len=MAX_MODEL_LEN, max_num_seqs=1, max_queue=1)
+    config = server_config(
+        llama.model_dir, tmp_path_factory.mktemp("adapters"), engine_process=request.param,
+        max_model_len=MAX_MODEL_LEN, max_num_seqs=1, max_queue=1,
+    )  # fmt: skip
     with LiveServer(config) as live:
         yield live
 
@@ -227,7 +237,7 @@ def test_server_serves_again_once_the_full_queue_is_cancelled(queue_server, queu
 def close_after_two_chunks(client: httpx.Client, server: LiveServer) -> None:
     with closing(Stream(client, long_body(ADAPTER))) as stream:
         stream.chunks(2)
-        assert server.engine.slots.refcount(server.engine.adapters[ADAPTER]) == 1
+        assert server.engine.snapshot.running_adapters == (ADAPTER,)
 
 
 def time_out_without_a_response(client: httpx.Client, server: LiveServer) -> None:
@@ -237,13 +247,12 @@ def time_out_without_a_response(client: httpx.Client, server: LiveServer) -> Non
 
 @pytest.mark.parametrize("leave", [close_after_two_chunks, time_out_without_a_response], ids=["stream", "non-stream"])
 def test_client_that_goes_away_cancels_its_request_and_frees_kv_and_slot(server, client, leave):
-    adapter = server.engine.adapters[ADAPTER]
     before = scrape(client)
 
     leave(client, server)
 
     wait_until(
-        lambda: engine_idle(server.engine) and server.engine.slots.refcount(adapter) == 0,
+        lambda: engine_idle(server.engine) and server.engine.snapshot.running_adapters == (),
         "idle with KV and the adapter slot released",
     )
     after = scrape(client)
@@ -271,8 +280,9 @@ def test_endpoint_answers_promptly_while_the_engine_is_busy(server, client, path
         assert server.engine.snapshot.num_running == 4  # the load lasted through every call
 
 
-def test_health_is_503_when_the_engine_loop_is_not_running(llama, tmp_path):
-    with LiveServer(server_config(llama.model_dir, tmp_path / "adapters")) as live:
+@pytest.mark.parametrize("engine_process", ENGINE_MODES, ids=ENGINE_IDS)
+def test_health_is_503_when_the_engine_loop_is_not_running(llama, tmp_path, engine_process):
+    with LiveServer(server_config(llama.model_dir, tmp_path / "adapters", engine_process=engine_process)) as live:
         with httpx.Client(base_url=live.url, timeout=TIMEOUT) as http:
             assert http.get("/health").status_code == 200
             live.engine.stop()

@@ -20,16 +20,19 @@ MAX_TOKENS = 8
 CHAT_TEMPLATE = "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}[ASSISTANT]"
 
 
-@pytest.fixture(scope="module")
-def server(llama, tmp_path_factory):
-    """A server whose store holds every test adapter, placed on disk by the operator (shared)."""
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(llama, tmp_path_factory, request):
+    """A server whose store holds every test adapter, placed on disk by the operator (shared).
+
+    Once with the engine on a server thread, once in a process of its own, as `loraplex serve` runs it.
+    """
     store = tmp_path_factory.mktemp("store")
     for name, path in llama.adapter_dirs.items():
         shutil.copytree(path, store / name)
     templated = store / "templated"
     shutil.copytree(llama.adapter_dirs["r4-qv"], templated)
     (templated / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    with LiveServer(server_config(llama.model_dir, store, max_num_seqs=16)) as live:
+    with LiveServer(server_config(llama.model_dir, store, engine_process=request.param, max_num_seqs=16)) as live:
         yield live
 
 

@@ -96,7 +96,9 @@ def test_serve_help_shows_each_flag_its_variable_and_the_configs_default():
         field = (EngineConfig if name in EngineConfig.model_fields else ServerConfig).model_fields[name]
         row = rows["--" + name.replace("_", "-")]
         assert f"LORAPLEX_{name.upper()}" in row and field.description in row
-        if field.default not in (None, (), PydanticUndefined):
+        if isinstance(field.default, bool):  # typer names a switch's default by its flag
+            assert f"[default: {'' if field.default else 'no-'}{name.replace('_', '-')}]" in row
+        elif field.default not in (None, (), PydanticUndefined):
             assert f"[default: {field.default}]" in row
     assert "[default: (the bundled demo)]" in rows["--model"]
 

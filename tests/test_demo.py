@@ -88,7 +88,8 @@ def test_held_out_records_through_a_live_server_in_one_mixed_batch(held_out, tmp
             responses = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
         return [response.json()["choices"][0]["text"] for response in responses]
 
-    with LiveServer(ServerConfig(engine=engine, adapters=store)) as server:
+    # On a server thread: the test watches the engine's scheduler step by step.
+    with LiveServer(ServerConfig(engine=engine, adapters=store, engine_process=False)) as server:
         mixes = watch_adapter_mix(server.engine)
         texts = asyncio.run(ask_all(server.url))
     assert max(mixes) == len(ADAPTER_FORMS), "some step ran all three adapters together"

@@ -121,6 +121,10 @@ class ServerConfig(BaseModel):
     chat_template_timeout: float = Field(
         default=2.0, gt=0, le=60, description="Seconds one chat template may take to render before a 400."
     )
+    engine_process: bool = Field(
+        default=True,
+        description="Run the engine in a process of its own, apart from the HTTP side's GIL (off: on a server thread).",
+    )
 
     @property
     def model_name(self) -> str:

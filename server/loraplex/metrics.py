@@ -6,7 +6,8 @@ per tenant); and `EngineSnapshotCollector`, which builds the gauges, the adapter
 `loraplex_lora_requests_info` at scrape time from one read of the engine's snapshot. Each `Metrics`
 has its own `CollectorRegistry`: nothing is registered globally or at import, so several servers
 can live in one process. Nothing here touches the engine's live state, only its snapshot, and the
-callbacks run on the engine thread, so they only update metrics.
+callbacks run on the engine thread (or, with the engine in its own process, on the thread that
+reads its reports), so they only update metrics.
 """
 
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
-from loraplex.engine.request import FinishReason, Request
+from loraplex.engine.request import FinishReason
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.metrics_vllm import VllmCompatCollector
 
@@ -194,31 +195,22 @@ class Metrics(EngineObserver):
         """
         self.batch_size.observe(num_seqs)
 
-    def token(self, request: Request, gap: float | None) -> None:
-        """Count a generated token; time the first one from arrival, later ones from the previous.
-
-        Args:
-            request: the request that got the token, its `first_token_time` already set.
-            gap: seconds since its previous token; None for its first.
-        """
-        if gap is None:
-            self.prompt_tokens.inc(len(request.prompt_ids))
-            self.time_to_first_token.observe(request.first_token_time - request.arrival_time)
-        else:
-            self.inter_token_latency.observe(gap)
+    def first_token(self, prompt_tokens: int, seconds: float) -> None:
+        """Count a request's first token and its prompt; observe the time to it from arrival."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.time_to_first_token.observe(seconds)
         self.generation_tokens.inc()
 
-    def finished(self, request: Request, now: float) -> None:
-        """Count an ended request by finish reason and observe its latency and queue time.
+    def next_token(self, gap: float) -> None:
+        """Count a later token; observe the gap since the request's previous one."""
+        self.inter_token_latency.observe(gap)
+        self.generation_tokens.inc()
 
-        Args:
-            request: the ended request, its `finish_reason` set.
-            now: monotonic time it ended.
-        """
-        self.requests.labels(status=request.finish_reason.value).inc()
-        self.e2e_request_latency.observe(now - request.arrival_time)
-        queued_until = request.first_scheduled_time if request.first_scheduled_time is not None else now
-        self.request_queue_time.observe(queued_until - request.arrival_time)
+    def request_ended(self, reason: FinishReason, seconds: float, queued: float) -> None:
+        """Count an ended request by finish reason; observe its latency and its time in the queue."""
+        self.requests.labels(status=reason.value).inc()
+        self.e2e_request_latency.observe(seconds)
+        self.request_queue_time.observe(queued)
 
     def adapter_loaded(self, seconds: float) -> None:
         """Observe one adapter's copy into a device slot.

@@ -2,9 +2,10 @@
 
 Owns: assembling `Services` (keys, engine, metrics, adapter store and catalog, chat template
 renderer; or, with `merge_adapter`, an engine over one adapter merged into the base, with LoRA
-off) and running the app on uvicorn in this process, with a drain on the first SIGTERM or
-SIGINT: new `/v1` requests get 503 and `/health` turns 503 while running requests finish, for at
-most `drain_timeout` seconds; then the process exits. A second signal exits at once.
+off; the engine runs in a process of its own unless `engine_process` is off) and running the app
+on uvicorn in this process, with a drain on the first SIGTERM or SIGINT: new `/v1` requests get
+503 and `/health` turns 503 while running requests finish, for at most `drain_timeout` seconds;
+then the engine stops and the process exits. A second signal exits at once.
 """
 
 import logging
@@ -20,7 +21,8 @@ from loraplex.api.auth import ApiKeys
 from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.services import Services
-from loraplex.config import ServerConfig
+from loraplex.config import EngineConfig, ServerConfig
+from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterNotFound
 from loraplex.export import export_merged
@@ -43,7 +45,7 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
         The services, and (name, problem) for each stored adapter that could not be served.
     """
     keys = ApiKeys.load(config.api_keys) if config.api_keys is not None else ApiKeys.open()
-    engine = merged_engine(config) if config.merge_adapter is not None else Engine(config.engine)
+    engine = merged_engine(config) if config.merge_adapter is not None else make_engine(config, config.engine)
     metrics = Metrics(lambda: engine.snapshot, config.metrics_compat, config.model_name)
     engine.observer = metrics
     store = AdapterStore(config.adapters)
@@ -58,7 +60,12 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
     return Services(config, engine, catalog, keys, metrics, chat_templates, prompts), problems
 
 
-def merged_engine(config: ServerConfig) -> Engine:
+def make_engine(config: ServerConfig, engine: EngineConfig) -> Engine | EngineClient:
+    """The engine `engine` describes: in a process of its own, or on a thread of this one."""
+    return EngineClient(engine) if config.engine_process else Engine(engine)
+
+
+def merged_engine(config: ServerConfig) -> Engine | EngineClient:
     """An engine over the base with `merge_adapter` merged in, LoRA off.
 
     The merge reads the original full-precision checkpoint (never quantized weights) into a
@@ -71,7 +78,7 @@ def merged_engine(config: ServerConfig) -> Engine:
         raise AdapterNotFound(f"--merge-adapter {name}: there is no adapter {name!r} in the store {config.adapters}")
     with tempfile.TemporaryDirectory(prefix="loraplex-merged-") as merged_dir:
         export_merged(Path(config.engine.model), adapter_dir, Path(merged_dir))
-        return Engine(config.engine.model_copy(update={"model": merged_dir, "enable_lora": False}))
+        return make_engine(config, config.engine.model_copy(update={"model": merged_dir, "enable_lora": False}))
 
 
 CUT_SECONDS = 0.5  # after the drain timeout: time for cut requests to send their last event

@@ -30,7 +30,7 @@ class ServedFacts:
         return cls(
             model_name=svc.model_name,
             max_model_len=svc.engine.max_model_len,
-            vocab_size=svc.engine.base.model.config.vocab_size,
+            vocab_size=svc.engine.vocab_size,
             max_prompt_chars=svc.prompts.max_chars,
             max_queue=svc.engine.config.max_queue,
             api_keys=not svc.keys.open_access,

@@ -14,6 +14,7 @@ from loraplex.api.auth import ApiKeys
 from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.config import ServerConfig
+from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
 from loraplex.metrics import Metrics
 from loraplex.registry.catalog import AdapterCatalog
@@ -22,7 +23,7 @@ from loraplex.registry.catalog import AdapterCatalog
 @dataclass(eq=False)
 class Services:
     config: ServerConfig
-    engine: Engine
+    engine: Engine | EngineClient
     catalog: AdapterCatalog
     keys: ApiKeys
     metrics: Metrics

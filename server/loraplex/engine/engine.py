@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,13 +33,14 @@ from loraplex.engine.request import (
     Request,
     SamplingParams,
     TokenEvent,
+    check_prompt,
 )
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler, SchedulerLimits
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
-from loraplex.engine.stream import LoopBridge, RequestStream, Sink
+from loraplex.engine.stream import LoopBridge, LoopBridges, RequestStream, Sink
 from loraplex.engine.warmup import check_model_runs
-from loraplex.errors import AdapterInvalid, AdapterNotFound, EngineUnavailable, QueueFull, RequestInvalid
+from loraplex.errors import AdapterInvalid, AdapterNotFound, EngineUnavailable, QueueFull
 from loraplex.registry.adapter import LoraAdapter, build_adapter, load_adapter
 from loraplex.registry.slots import SlotCache
 
@@ -68,6 +68,7 @@ class Engine:
         self.base = base or load_base_model(config)
         hf_config = self.base.model.config
         self.max_model_len = config.model_len(getattr(hf_config, "max_position_embeddings", None))
+        self.vocab_size = hf_config.vocab_size
         self.lora_context = LoraContext()
         self.wrappers = (
             wrap_lora_targets(self.base.model, config.max_loras, config.max_lora_rank, self.base.dtype, self.lora_context)
@@ -105,12 +106,12 @@ class Engine:
         self._retired: list[LoraAdapter] = []
         self._live: dict[str, LiveRequest] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge] = weakref.WeakKeyDictionary()
-        self._bridges_lock = threading.Lock()
+        self._bridges = LoopBridges(self.cancel)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._queued = 0  # requests added but never admitted yet (the bounded queue)
+        self.queue_releases = 0  # places given back, ever: admitted, or ended before admission
         self._queued_lock = threading.Lock()
         self.outputs = OutputProcessor(
             self.runner, self.null_slot, self.eos_ids, self.max_model_len, config.logprobs_mode == "raw_logits",
@@ -179,18 +180,7 @@ class Engine:
         `bounded` False skips the `max_queue` bound (`generate`, which runs the steps itself).
         """
         params = params or SamplingParams()
-        prompt_ids = [int(t) for t in prompt_ids]
-        vocab = self.base.model.config.vocab_size
-        if not prompt_ids:
-            raise RequestInvalid("the prompt is empty", param="prompt")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestInvalid(
-                f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which leaves no room to generate",
-                param="prompt",
-            )
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise RequestInvalid(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        prompt_ids = check_prompt(prompt_ids, self.max_model_len, self.vocab_size)
         if isinstance(adapter, str):
             if adapter not in self.adapters:
                 raise AdapterNotFound(f"adapter {adapter!r} is not loaded")
@@ -219,6 +209,7 @@ class Engine:
     def _release_queue_place(self) -> None:
         with self._queued_lock:
             self._queued -= 1
+            self.queue_releases += 1
 
     def cancel(self, request_id: str) -> None:
         """Abort a request: its KV blocks and slot reference are freed at the next step boundary."""
@@ -242,11 +233,7 @@ class Engine:
 
     def bridge(self) -> LoopBridge:
         """The bridge from this engine's thread to the running event loop (one per loop)."""
-        loop = asyncio.get_running_loop()
-        with self._bridges_lock:
-            if loop not in self._bridges:
-                self._bridges[loop] = LoopBridge(loop, self.cancel)
-            return self._bridges[loop]
+        return self._bridges.for_running_loop()
 
     def generate(
         self,
@@ -407,9 +394,13 @@ class Engine:
                     continue
                 self.step()
         except BaseException as exc:  # the loop's state can no longer be trusted: stop serving, say why
-            log.exception("the engine loop stopped")
-            self.failure = f"{type(exc).__name__}: {exc}"
-            self._fail_everything(f"the engine stopped after an error: {self.failure}")
+            self.halt(exc)
+
+    def halt(self, exc: BaseException) -> None:
+        """The step loop broke on `exc`: take no more requests, and fail every one held, saying why."""
+        log.exception("the engine loop stopped", exc_info=exc)
+        self.failure = f"{type(exc).__name__}: {exc}"
+        self._fail_everything(f"the engine stopped after an error: {self.failure}")
 
     def _fail_everything(self, message: str) -> None:
         """Answer every request the engine holds with `message`, whatever state the scheduler is in."""

@@ -100,6 +100,21 @@ class SamplingParams:
 TopLogprobs = list[tuple[int, float]]
 
 
+def check_prompt(prompt_ids, max_model_len: int, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, or RequestInvalid naming why the engine cannot run it."""
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise RequestInvalid("the prompt is empty", param="prompt")
+    if len(prompt_ids) >= max_model_len:
+        raise RequestInvalid(
+            f"the prompt has {len(prompt_ids)} tokens; max_model_len is {max_model_len}, which leaves no room to generate",
+            param="prompt",
+        )
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise RequestInvalid(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+    return prompt_ids
+
+
 @dataclass
 class TokenEvent:
     """One generated token, streamed as soon as it is sampled.

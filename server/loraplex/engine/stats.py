@@ -9,20 +9,40 @@ knows about Prometheus.
 
 from dataclasses import dataclass
 
-from loraplex.engine.request import Request
+from loraplex.engine.request import FinishReason, Request
 
 
 class EngineObserver:
-    """Hooks called on the engine thread; subclass and override what you need. Keep them cheap."""
+    """Hooks called on the engine thread; subclass and override what you need. Keep them cheap.
+
+    `token` and `finished` see the request; by default they reduce it to the plain facts of
+    `first_token`, `next_token` and `request_ended`, which is all the metrics need and all that
+    crosses from an engine process to the server's (engine/core_process.py).
+    """
 
     def step(self, num_seqs: int) -> None:
         """One forward pass ran over `num_seqs` sequences."""
 
     def token(self, request: Request, gap: float | None) -> None:
         """`request` got a token; `gap` is the seconds since its previous one (None for the first)."""
+        if gap is None:
+            self.first_token(len(request.prompt_ids), request.first_token_time - request.arrival_time)
+        else:
+            self.next_token(gap)
 
     def finished(self, request: Request, now: float) -> None:
         """`request` ended (any finish reason) at monotonic time `now`."""
+        queued_until = request.first_scheduled_time if request.first_scheduled_time is not None else now
+        self.request_ended(request.finish_reason, now - request.arrival_time, queued_until - request.arrival_time)
+
+    def first_token(self, prompt_tokens: int, seconds: float) -> None:
+        """A request of `prompt_tokens` got its first token `seconds` after it arrived."""
+
+    def next_token(self, gap: float) -> None:
+        """A request got a later token, `gap` seconds after its previous one."""
+
+    def request_ended(self, reason: FinishReason, seconds: float, queued: float) -> None:
+        """A request ended with `reason`, `seconds` after it arrived, having waited `queued` for admission."""
 
     def adapter_loaded(self, seconds: float) -> None:
         """An adapter was copied into a device slot in `seconds`."""

@@ -1,14 +1,16 @@
 """The async side of requests: events handed from the engine thread to asyncio, and iterated.
 
-Owns: `LoopBridge`, the one way events cross from the engine thread to an event loop (batched:
-a step's tokens wake the loop once, not once per token; a closed loop cancels the requests whose
-events it can no longer take), and `RequestStream`, an iterator of one request's `TokenEvent`s
+Owns: `LoopBridge`, the one way events cross from the engine thread (or the thread that reads
+an engine process's reports) to an event loop (batched: a step's tokens wake the loop once, not
+once per token; a closed loop cancels the requests whose events it can no longer take), the
+`LoopBridges` that keep one per loop, and `RequestStream`, an iterator of one request's `TokenEvent`s
 that cancels the request when the consumer stops early (a client disconnect), so its KV blocks
 and slot are freed. It must not run engine work or touch the engine's state.
 """
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable
 
 from loraplex.engine.request import TokenEvent
@@ -58,6 +60,27 @@ class LoopBridge:
     def _drain(self) -> None:
         for deliver, event in self._take():
             deliver(event)
+
+
+class LoopBridges:
+    """One `LoopBridge` per event loop that submits requests, made on first use, gone with the loop.
+
+    Args:
+        on_lost: given to each bridge: called with a request id whose events reach no loop.
+    """
+
+    def __init__(self, on_lost: Callable[[str], None]):
+        self._on_lost = on_lost
+        self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def for_running_loop(self) -> LoopBridge:
+        """The bridge to the running event loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if loop not in self._bridges:
+                self._bridges[loop] = LoopBridge(loop, self._on_lost)
+            return self._bridges[loop]
 
 
 class RequestStream:

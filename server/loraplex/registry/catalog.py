@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
 
+from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterExists, AdapterNotFound, AdapterTooLarge, Forbidden, RequestInvalid
 from loraplex.merging import merge_adapters
@@ -92,7 +93,7 @@ class AdapterCatalog:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | EngineClient,
         store: AdapterStore,
         reserved_names: set[str],
         max_adapter_bytes: int,

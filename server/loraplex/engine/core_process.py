@@ -1,0 +1,216 @@
+"""The engine process: an `Engine` in an interpreter of its own, stepping and reporting to the server.
+
+Owns: the program `python -m loraplex.engine.core_process --read-fd R --write-fd W`, which reads
+the engine's config, builds the engine (model, slots, warm-up), says ready with the facts the
+server needs, and then loops: it applies the server's frames (requests, aborts, adapters) at step
+boundaries, runs a step, and sends one frame per step with every event of that step, the
+metrics' observations, the snapshot and the queue places given back. So the step never waits on
+the HTTP side's GIL, and the HTTP side wakes once per step, not once per token.
+
+It ignores SIGINT and SIGTERM (the server drains, then tells it to stop) and exits when told to,
+or when the server's end of the pipe closes. Must not: open sockets, read anything but its pipe,
+or let an exception out of the loop without first reporting it.
+
+Frames in (server → engine): ["config", json], ["add", id, prompt, adapter uid | None, params],
+["abort", id], ["abort_all"], ["adapter", wire adapter], ["remove", name], ["stop"].
+Frames out: ["ready", facts], ["step", events, observations, snapshot, places given back],
+["failed", message, error class], ["stopped"].
+"""
+
+import argparse
+import logging
+import signal
+import sys
+
+from loraplex import errors
+from loraplex.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.engine.request import FinishReason, TokenEvent
+from loraplex.engine.stats import EngineObserver
+from loraplex.engine.wire import (
+    FrameReader,
+    FrameWriter,
+    adapter_from_wire,
+    event_to_wire,
+    params_from_wire,
+    snapshot_to_wire,
+    widen_pipe,
+)
+from loraplex.registry.adapter import LoraAdapter
+
+log = logging.getLogger(__name__)
+
+
+class ObservationLog(EngineObserver):
+    """Keeps a step's observations as plain numbers, for the server's metrics to replay."""
+
+    def __init__(self):
+        self.take()
+
+    def take(self) -> dict:
+        """The observations since the last take, as a frame carries them."""
+        taken = getattr(self, "_log", None)
+        self._log = {"steps": [], "first": [], "gaps": [], "ended": [], "loads": []}
+        return taken
+
+    def step(self, num_seqs: int) -> None:
+        self._log["steps"].append(num_seqs)
+
+    def first_token(self, prompt_tokens: int, seconds: float) -> None:
+        self._log["first"].append((prompt_tokens, seconds))
+
+    def next_token(self, gap: float) -> None:
+        self._log["gaps"].append(gap)
+
+    def request_ended(self, reason: FinishReason, seconds: float, queued: float) -> None:
+        self._log["ended"].append((reason.value, seconds, queued))
+
+    def adapter_loaded(self, seconds: float) -> None:
+        self._log["loads"].append(seconds)
+
+
+class EngineCore:
+    """The engine and its two pipes: applies frames, steps, reports.
+
+    Args:
+        engine: the engine, its observer an `ObservationLog`.
+        reader: frames from the server.
+        writer: frames to the server.
+    """
+
+    def __init__(self, engine: Engine, reader: FrameReader, writer: FrameWriter):
+        self.engine = engine
+        self._reader = reader
+        self._writer = writer
+        self._events: list[TokenEvent] = []
+        self._releases = engine.queue_releases
+        self._refused = 0  # requests refused here: their queue places are given back too
+        self._snapshot = engine.snapshot
+        self._current: dict[str, LoraAdapter] = {}  # adapter uid -> the version new requests may name
+        self.stopping = False
+
+    def run(self) -> int:
+        """Step until told to stop (0) or the server is gone (0), or the loop broke (1)."""
+        engine = self.engine
+        while not self.stopping:
+            try:
+                frames = self._reader.read(0 if engine.scheduler.has_work() else None)
+            except EOFError:
+                log.warning("the server closed its pipe; the engine process exits")
+                return 0
+            try:
+                for frame in frames:
+                    self.handle(frame)
+                if frames or engine.scheduler.has_work():
+                    engine.step()
+            except BaseException as exc:  # the engine's state can no longer be trusted
+                engine.halt(exc)
+                self.report()
+                self._writer.send(["failed", engine.failure, type(exc).__name__])
+                return 1
+            self.report()
+        engine.stop()
+        self.report()
+        self._writer.send(["stopped"])
+        return 0
+
+    def handle(self, frame: list) -> None:
+        kind = frame[0]
+        engine = self.engine
+        if kind == "add":
+            _, request_id, prompt_ids, uid, params = frame
+            adapter = None if uid is None else self._current.get(uid)
+            if uid is not None and adapter is None:
+                self._refuse(request_id, "its adapter was replaced or removed before the request reached the engine")
+                return
+            try:
+                engine.add_request(
+                    prompt_ids, adapter, params_from_wire(params), request_id, self._events.append, bounded=False
+                )
+            except errors.LoraplexError as exc:  # the server checks first; this is the engine's own word
+                self._refuse(request_id, str(exc))
+        elif kind == "abort":
+            engine.cancel(frame[1])
+        elif kind == "abort_all":
+            engine.abort_all()
+        elif kind == "adapter":
+            adapter = adapter_from_wire(frame[1])
+            previous = engine.adapters.get(adapter.name)
+            if previous is not None:
+                self._current.pop(previous.uid, None)
+            engine.register_adapter(adapter)
+            self._current[adapter.uid] = adapter
+        elif kind == "remove":
+            adapter = engine.adapters.get(frame[1])
+            if adapter is not None:
+                self._current.pop(adapter.uid, None)
+                engine.remove_adapter(frame[1])
+        elif kind == "stop":
+            self.stopping = True
+        else:
+            raise ValueError(f"unknown frame {kind!r} from the server")
+
+    def _refuse(self, request_id: str, message: str) -> None:
+        self._refused += 1
+        self._events.append(TokenEvent(request_id, None, "", finish_reason=FinishReason.ERROR, error=message))
+
+    def report(self) -> None:
+        """Send what changed since the last report, in one frame (nothing when nothing changed)."""
+        engine = self.engine
+        observations = engine.observer.take()
+        releases = engine.queue_releases - self._releases + self._refused
+        changed = self._events or releases or engine.snapshot is not self._snapshot or any(observations.values())
+        if not changed:
+            return
+        self._releases, self._refused = engine.queue_releases, 0
+        self._snapshot = engine.snapshot
+        events = [event_to_wire(e) for e in self._events]
+        self._events.clear()  # in place: every request's sink appends to this list
+        self._writer.send(["step", events, observations, snapshot_to_wire(engine.snapshot), releases])
+
+
+def _facts(engine: Engine) -> dict:
+    base = engine.base
+    return {
+        "max_model_len": engine.max_model_len,
+        "vocab_size": engine.vocab_size,
+        "module_shapes": {name: [s.in_features, s.out_features] for name, s in engine.module_shapes.items()},
+        "device": str(base.device),
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "quantize": base.quantize,
+        "name": base.name,
+        "warnings": list(base.warnings),
+        "snapshot": snapshot_to_wire(engine.snapshot),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="loraplex's engine process (started by the server, not by hand)")
+    parser.add_argument("--read-fd", type=int, required=True)
+    parser.add_argument("--write-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s [engine process] %(name)s: %(message)s")
+    widen_pipe(args.write_fd)
+    reader, writer = FrameReader(args.read_fd), FrameWriter(args.write_fd)
+    try:
+        (kind, config_json), *early = reader.read(None)
+        if kind != "config":
+            raise ValueError(f"the first frame must be the config, got {kind!r}")
+        engine = Engine(EngineConfig.model_validate_json(config_json), observer=ObservationLog())
+    except EOFError:
+        return 0
+    except Exception as exc:
+        log.exception("the engine could not start")
+        writer.send(["failed", str(exc), type(exc).__name__])
+        return 1
+    writer.send(["ready", _facts(engine)])
+    core = EngineCore(engine, reader, writer)
+    for frame in early:
+        core.handle(frame)
+    return core.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
