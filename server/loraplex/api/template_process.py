@@ -11,13 +11,11 @@ import json
 import os
 import select
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import loraplex
 from loraplex.api import template_worker
 from loraplex.errors import EngineFailed
+from loraplex.interpreter import module_command, module_environment
 
 WORKER_START_TIMEOUT = 30.0  # seconds a new worker may take to start (not counted as render time)
 
@@ -44,18 +42,13 @@ class TemplateProcess:
 
     def __init__(self, timeout: float, max_output_chars: int, memory_bytes: int):
         self._max_reply_bytes = max_output_chars * 12 + (1 << 16)  # ASCII JSON: up to 12 bytes a character
-        argv = [
-            sys.executable,
-            "-P",  # nothing in the working directory can shadow a module
-            "-m",
+        argv = module_command(
             template_worker.__name__,
             f"--timeout={timeout}",
             f"--max-output-chars={max_output_chars}",
             f"--memory-bytes={memory_bytes}",
-        ]
-        package_root = str(Path(loraplex.__file__).resolve().parent.parent)  # loraplex, wherever it is installed
-        python_path = os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))
-        env = {**os.environ, "PYTHONPATH": python_path}
+        )
+        env = module_environment()
         try:
             self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         except OSError as exc:

@@ -13,28 +13,25 @@ request gets a fatal error event and `failure` says why.
 Must not: run the model or touch the engine's state, which lives in the other process.
 """
 
-import asyncio
 import logging
 import os
 import queue
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-import loraplex
 from loraplex import errors
 from loraplex.config import EngineConfig
 from loraplex.engine import core_process
+from loraplex.engine.front import EngineFront
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent, check_prompt
 from loraplex.engine.stats import EngineObserver
-from loraplex.engine.stream import LoopBridge, LoopBridges, RequestStream, Sink
+from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.wire import (
     FrameReader,
     FrameWriter,
@@ -44,8 +41,9 @@ from loraplex.engine.wire import (
     snapshot_from_wire,
     widen_pipe,
 )
-from loraplex.errors import AdapterInvalid, AdapterNotFound, EngineUnavailable, QueueFull
-from loraplex.registry.adapter import LoraAdapter, ModuleShape, build_adapter, load_adapter
+from loraplex.errors import AdapterNotFound, EngineUnavailable, QueueFull
+from loraplex.interpreter import module_command, module_environment
+from loraplex.registry.adapter import LoraAdapter, ModuleShape
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ def _start_error(kind: str, message: str) -> Exception:
     return EngineUnavailable(f"the engine process could not start: {kind}: {message}")
 
 
-class EngineClient:
+class EngineClient(EngineFront):
     """An engine in its own process, driven like an in-process `Engine` by the HTTP layer.
 
     Args:
@@ -119,18 +117,9 @@ class EngineClient:
         to_engine_read, to_engine_write = os.pipe()
         from_engine_read, from_engine_write = os.pipe()
         widen_pipe(to_engine_write)
-        argv = [
-            sys.executable,
-            "-P",  # nothing in the working directory can shadow a module
-            "-m",
-            core_process.__name__,
-            f"--read-fd={to_engine_read}",
-            f"--write-fd={from_engine_write}",
-        ]
-        package_root = str(Path(loraplex.__file__).resolve().parent.parent)  # loraplex, wherever it is installed
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
+        argv = module_command(core_process.__name__, f"--read-fd={to_engine_read}", f"--write-fd={from_engine_write}")
         try:
-            process = subprocess.Popen(argv, pass_fds=(to_engine_read, from_engine_write), env=env)
+            process = subprocess.Popen(argv, pass_fds=(to_engine_read, from_engine_write), env=module_environment())
         finally:
             os.close(to_engine_read)
             os.close(from_engine_write)
@@ -149,22 +138,6 @@ class EngineClient:
         return frame[1]
 
     # ----- adapters -------------------------------------------------------------------------
-
-    def validate_adapter(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> LoraAdapter:
-        """Check PEFT contents against this base without registering them."""
-        self._require_lora()
-        return build_adapter(name, config, tensors, self.module_shapes, self.config.max_lora_rank, self.dtype)
-
-    def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
-        """Read, validate and register the PEFT directory at `path` under `name`."""
-        self._require_lora()
-        adapter = load_adapter(Path(path), name, self.module_shapes, self.config.max_lora_rank, self.dtype)
-        self.register_adapter(adapter)
-        return adapter
-
-    def _require_lora(self) -> None:
-        if not self.config.enable_lora:
-            raise AdapterInvalid("this server runs with LoRA off (it serves one merged model), so it takes no adapters")
 
     def register_adapter(self, adapter: LoraAdapter) -> None:
         """Make `adapter` the version new requests for its name get; running ones keep theirs."""
@@ -221,22 +194,6 @@ class EngineClient:
     def abort_all(self) -> None:
         """Abort every request at the engine's next step (a shutdown cutting what still runs)."""
         self._outbox.put(["abort_all"])
-
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        adapter: str | LoraAdapter | None = None,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> RequestStream:
-        """Queue a request from async code; iterate the returned stream for its tokens."""
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        request_id = self.add_request(prompt_ids, adapter, params, request_id, self.bridge().sink(events.put_nowait))
-        return RequestStream(request_id, events, self.cancel)
-
-    def bridge(self) -> LoopBridge:
-        """The bridge from the reader thread to the running event loop (one per loop)."""
-        return self._bridges.for_running_loop()
 
     # ----- lifecycle ------------------------------------------------------------------------
 

@@ -1,13 +1,12 @@
 """The engine: adapters in, requests in, one step at a time, tokens out.
 
 Owns: the step loop (schedule, forward, sample, detokenize, stop checks, finish), the adapter name
-table, and the two front doors built on it: a synchronous `generate` for scripts and tests, and an
-async `submit` (an async stream of `TokenEvent`s) for the HTTP server, with the loop on a thread
-of its own. Requests, cancels and adapter changes from other threads arrive through an inbox and
+table, and the two front doors built on it: a synchronous `generate` for scripts and tests, and
+`add_request` with a sink (and `submit`, from `EngineFront`) for async callers, with the loop on
+a thread of its own (or, in an engine process, driven by core_process.py). Requests, cancels and adapter changes from other threads arrive through an inbox and
 take effect at the next step boundary, so the scheduler and the slots are only touched here.
 """
 
-import asyncio
 import contextlib
 import logging
 import queue
@@ -15,13 +14,13 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from loraplex.config import EngineConfig
 from loraplex.engine.base_model import BaseModel, load_base_model
 from loraplex.engine.detokenizer import Detokenizer
+from loraplex.engine.front import EngineFront
 from loraplex.engine.fused_projections import fuse_projections
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
@@ -38,10 +37,10 @@ from loraplex.engine.request import (
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler, SchedulerLimits
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
-from loraplex.engine.stream import LoopBridge, LoopBridges, RequestStream, Sink
+from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.warmup import check_model_runs
-from loraplex.errors import AdapterInvalid, AdapterNotFound, EngineUnavailable, QueueFull
-from loraplex.registry.adapter import LoraAdapter, build_adapter, load_adapter
+from loraplex.errors import AdapterNotFound, EngineUnavailable, QueueFull
+from loraplex.registry.adapter import LoraAdapter
 from loraplex.registry.slots import SlotCache
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class EngineStopped(Exception):
     """The engine cannot go on (raised on its own thread, which then stops and reports why)."""
 
 
-class Engine:
+class Engine(EngineFront):
     """One resident base model serving many adapters through continuous batching.
 
     Args:
@@ -66,6 +65,7 @@ class Engine:
         self.config = config
         self.observer = observer or EngineObserver()
         self.base = base or load_base_model(config)
+        self.dtype = self.base.dtype
         hf_config = self.base.model.config
         self.max_model_len = config.model_len(getattr(hf_config, "max_position_embeddings", None))
         self.vocab_size = hf_config.vocab_size
@@ -132,22 +132,6 @@ class Engine:
         return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
     # ----- adapters -------------------------------------------------------------------------
-
-    def validate_adapter(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> LoraAdapter:
-        """Check PEFT contents against this base without registering them."""
-        self._require_lora()
-        return build_adapter(name, config, tensors, self.module_shapes, self.config.max_lora_rank, self.base.dtype)
-
-    def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
-        """Read, validate and register the PEFT directory at `path` under `name`."""
-        self._require_lora()
-        adapter = load_adapter(Path(path), name, self.module_shapes, self.config.max_lora_rank, self.base.dtype)
-        self.register_adapter(adapter)
-        return adapter
-
-    def _require_lora(self) -> None:
-        if not self.config.enable_lora:
-            raise AdapterInvalid("this server runs with LoRA off (it serves one merged model), so it takes no adapters")
 
     def register_adapter(self, adapter: LoraAdapter) -> None:
         """Make `adapter` the version new requests for its name get; running ones keep theirs."""
@@ -218,22 +202,6 @@ class Engine:
     def abort_all(self) -> None:
         """Abort every request at the next step boundary (a shutdown cutting what still runs)."""
         self._send("abort_all", None)
-
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        adapter: str | LoraAdapter | None = None,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> RequestStream:
-        """Queue a request from async code; iterate the returned stream for its tokens."""
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        request_id = self.add_request(prompt_ids, adapter, params, request_id, self.bridge().sink(events.put_nowait))
-        return RequestStream(request_id, events, self.cancel)
-
-    def bridge(self) -> LoopBridge:
-        """The bridge from this engine's thread to the running event loop (one per loop)."""
-        return self._bridges.for_running_loop()
 
     def generate(
         self,
