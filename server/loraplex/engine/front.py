@@ -16,36 +16,22 @@ import torch
 
 from loraplex.config import EngineConfig
 from loraplex.engine.request import SamplingParams, TokenEvent
-from loraplex.engine.stream import LoopBridge, LoopBridges, RequestStream, Sink
+from loraplex.engine.stream import LoopBridge, LoopBridges, RequestStream
 from loraplex.errors import AdapterInvalid
 from loraplex.registry.adapter import LoraAdapter, ModuleShape, build_adapter, load_adapter
 
 
 class EngineFront:
-    """Adapter validation and the async front door, on top of a subclass's primitives."""
+    """Adapter validation and the async front door, on top of a subclass's primitives.
+
+    A subclass sets the attributes below and defines `register_adapter(adapter)`,
+    `add_request(prompt_ids, adapter, params, request_id, sink)` and `cancel(request_id)`.
+    """
 
     config: EngineConfig
     module_shapes: dict[str, ModuleShape]
     dtype: torch.dtype
     _bridges: LoopBridges
-
-    def register_adapter(self, adapter: LoraAdapter) -> None:
-        raise NotImplementedError
-
-    def add_request(
-        self,
-        prompt_ids: Sequence[int],
-        adapter: str | LoraAdapter | None = None,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        sink: Sink | None = None,
-        *,
-        bounded: bool = True,
-    ) -> str:
-        raise NotImplementedError
-
-    def cancel(self, request_id: str) -> None:
-        raise NotImplementedError
 
     def validate_adapter(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> LoraAdapter:
         """Check PEFT contents against this base without registering them."""
