@@ -183,8 +183,8 @@ class EngineClient(EngineFront):
                 raise QueueFull(f"the queue is full ({max_queue} requests waiting); retry later")
             self._queued += 1
             self._sinks[request_id] = sink or (lambda event: None)
-            uid = None if adapter is None else adapter.uid
-            self._outbox.put(["add", request_id, prompt_ids, uid, params_to_wire(params)])
+            version = None if adapter is None else [adapter.name, adapter.uid]
+            self._outbox.put(["add", request_id, prompt_ids, version, params_to_wire(params)])
         return request_id
 
     def cancel(self, request_id: str) -> None:

@@ -11,7 +11,7 @@ It ignores SIGINT and SIGTERM (the server drains, then tells it to stop) and exi
 or when the server's end of the pipe closes. Must not: open sockets, read anything but its pipe,
 or let an exception out of the loop without first reporting it.
 
-Frames in (server → engine): ["config", json], ["add", id, prompt, adapter uid | None, params],
+Frames in (server → engine): ["config", json], ["add", id, prompt, [adapter name, uid] | None, params],
 ["abort", id], ["abort_all"], ["adapter", wire adapter], ["remove", name], ["stop"].
 Frames out: ["ready", facts], ["step", events, observations, snapshot, places given back],
 ["failed", message, error class], ["stopped"].
@@ -36,7 +36,6 @@ from loraplex.engine.wire import (
     snapshot_to_wire,
     widen_pipe,
 )
-from loraplex.registry.adapter import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,15 @@ class ObservationLog(EngineObserver):
     """Keeps a step's observations as plain numbers, for the server's metrics to replay."""
 
     def __init__(self):
-        self.take()
+        self._log = self._empty()
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"steps": [], "first": [], "gaps": [], "ended": [], "loads": []}
 
     def take(self) -> dict:
         """The observations since the last take, as a frame carries them."""
-        taken = getattr(self, "_log", None)
-        self._log = {"steps": [], "first": [], "gaps": [], "ended": [], "loads": []}
+        taken, self._log = self._log, self._empty()
         return taken
 
     def step(self, num_seqs: int) -> None:
@@ -86,7 +88,6 @@ class EngineCore:
         self._releases = engine.queue_releases
         self._refused = 0  # requests refused here: their queue places are given back too
         self._snapshot = engine.snapshot
-        self._current: dict[str, LoraAdapter] = {}  # adapter uid -> the version new requests may name
         self.stopping = False
 
     def run(self) -> int:
@@ -118,9 +119,9 @@ class EngineCore:
         kind = frame[0]
         engine = self.engine
         if kind == "add":
-            _, request_id, prompt_ids, uid, params = frame
-            adapter = None if uid is None else self._current.get(uid)
-            if uid is not None and adapter is None:
+            _, request_id, prompt_ids, version, params = frame
+            adapter = None if version is None else engine.adapters.get(version[0])
+            if version is not None and (adapter is None or adapter.uid != version[1]):
                 self._refuse(request_id, "its adapter was replaced or removed before the request reached the engine")
                 return
             try:
@@ -134,16 +135,9 @@ class EngineCore:
         elif kind == "abort_all":
             engine.abort_all()
         elif kind == "adapter":
-            adapter = adapter_from_wire(frame[1])
-            previous = engine.adapters.get(adapter.name)
-            if previous is not None:
-                self._current.pop(previous.uid, None)
-            engine.register_adapter(adapter)
-            self._current[adapter.uid] = adapter
+            engine.register_adapter(adapter_from_wire(frame[1]))
         elif kind == "remove":
-            adapter = engine.adapters.get(frame[1])
-            if adapter is not None:
-                self._current.pop(adapter.uid, None)
+            if frame[1] in engine.adapters:
                 engine.remove_adapter(frame[1])
         elif kind == "stop":
             self.stopping = True

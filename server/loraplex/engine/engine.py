@@ -3,8 +3,9 @@
 Owns: the step loop (schedule, forward, sample, detokenize, stop checks, finish), the adapter name
 table, and the two front doors built on it: a synchronous `generate` for scripts and tests, and
 `add_request` with a sink (and `submit`, from `EngineFront`) for async callers, with the loop on
-a thread of its own (or, in an engine process, driven by core_process.py). Requests, cancels and adapter changes from other threads arrive through an inbox and
-take effect at the next step boundary, so the scheduler and the slots are only touched here.
+a thread of its own (or, in an engine process, driven by core_process.py). Requests, cancels
+and adapter changes from other threads arrive through an inbox and take effect at the next step
+boundary, so the scheduler and the slots are only touched here.
 """
 
 import contextlib
