@@ -2,9 +2,9 @@
 
 Owns: timing `add_lora_delta` under each forced strategy for layer shapes of the suite's presets and
 step mixes from decode over a few slots to prefill, and printing, beside the times, the strategy
-`auto` picks (`lora_ops.strategy_cost`) and how much slower it is than the fastest one (its regret).
+`auto` picks (`ops.lora.strategy_cost`) and how much slower it is than the fastest one (its regret).
 A regret above a few tens of percent on a new machine says the constants at the top of
-`engine/lora_ops.py` need refitting there. Before timing, it checks that the three strategies give
+`engine/ops/lora.py` need refitting there. Before timing, it checks that the three strategies give
 the same delta. It must not change the constants; the test suite runs it once with one repeat,
 as a smoke test, and never reads its timings.
 """
@@ -15,7 +15,7 @@ import time
 import torch
 import typer
 
-from loraplex.engine.lora_ops import add_lora_delta, build_lora_batch
+from loraplex.engine.ops.lora import add_lora_delta, build_lora_batch
 
 # (in, out) of the presets' projections: tiny attention/MLP, small MLP, 0.3b attention/MLP.
 LAYER_SHAPES = ((128, 344), (512, 512), (512, 1376), (1024, 1024), (1024, 4096), (4096, 1024))

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from loraplex.engine.attention import SeqSpan, build_attention_batch, paged_attention
+from loraplex.engine.ops.attention import SeqSpan, build_attention_batch, paged_attention
 
 
 def reference_attention(q, keys, values, positions, window, scaling):

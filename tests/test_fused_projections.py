@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from loraplex.engine.fused_projections import FusedProjections, GroupSlice, fuse_projections
 from loraplex.engine.lora_layer import LoraContext, LoraLinear
-from loraplex.engine.lora_ops import build_lora_batch
+from loraplex.engine.ops.lora import build_lora_batch
 from loraplex.engine.packed_linear import PackedLinear, pack_linears
 
 

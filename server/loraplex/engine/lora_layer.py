@@ -2,7 +2,7 @@
 
 Owns: wrapping q/k/v/o and gate/up/down projections once at start-up (quantized or not), the
 pre-allocated stacks `lora_a: [max_loras + 1, max_rank, in]` and `lora_b: [max_loras + 1, max_rank,
-out]` (B transposed, see lora_ops.py; the last slot is the all-zero null slot), and writing an
+out]` (B transposed, see ops/lora.py; the last slot is the all-zero null slot), and writing an
 adapter into a slot. The base weights are never modified. Which tokens use which slot is read from the shared `LoraContext`.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.engine.lora_ops import LoraBatch, add_lora_delta
+from loraplex.engine.ops.lora import LoraBatch, add_lora_delta
 from loraplex.registry.adapter import LoraAdapter, ModuleShape
 from loraplex.registry.adapter_config import TARGET_NAMES
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.engine.attention import AttentionBatch, SeqSpan, build_attention_batch, paged_attention
+from loraplex.engine.ops.attention import AttentionBatch, SeqSpan, build_attention_batch, paged_attention
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_layer import LoraContext
-from loraplex.engine.lora_ops import build_lora_batch
+from loraplex.engine.ops.lora import build_lora_batch
 from loraplex.engine.scheduler import ScheduledSeq
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from loraplex.engine.lora_ops import STRATEGIES
+from loraplex.engine.ops.lora import STRATEGIES
 from loraplex.engine.request import Request, SamplingParams
 from loraplex.engine.sampling import sample, token_logprobs
 from loraplex.engine.scheduler import ScheduledSeq
