@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from loraplex.engine.ops import lora as lora_ops
 from loraplex.engine.lora_layer import LoraContext, LoraLinear
+from loraplex.engine.ops import lora as lora_ops
 from loraplex.engine.ops.lora import add_lora_delta, build_lora_batch, find_segments
 from loraplex.registry.adapter import LoraAdapter
 from loraplex.registry.slots import SlotCache

@@ -61,6 +61,10 @@ class EngineConfig(BaseModel):
         default="auto",
         description="Base linears: auto prepacks unquantized CPU weights for oneDNN; reference runs torch's linear.",
     )
+    kernel_backend: Literal["auto", "reference", "triton"] = Field(
+        default="auto",
+        description="Attention and LoRA ops: auto runs Triton kernels on CUDA and the PyTorch ops on CPU; the others force one.",
+    )
     lora_strategy: Literal["auto", "dense", "gather", "segment"] = Field(
         default="auto",
         description="How a step's LoRA deltas are computed: auto picks the cheapest per layer; the others force one.",

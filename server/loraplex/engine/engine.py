@@ -25,6 +25,7 @@ from loraplex.engine.front import EngineFront
 from loraplex.engine.fused_projections import fuse_projections
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
+from loraplex.engine.ops.backend import make_step_ops
 from loraplex.engine.outputs import LiveRequest, OutputProcessor
 from loraplex.engine.packed_linear import pack_linears
 from loraplex.engine.request import (
@@ -100,8 +101,9 @@ class Engine(EngineFront):
         )
         self.scheduler = Scheduler(limits, self.kv_cache, self.slots)
         self.runner = ModelRunner(
-            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy
-        )
+            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy,
+            make_step_ops(config.kernel_backend, self.base.device),
+        )  # fmt: skip
         self.eos_ids = self._eos_ids()
         self.adapters: dict[str, LoraAdapter] = {}
         self._retired: list[LoraAdapter] = []

@@ -44,12 +44,15 @@ class FusedProjections(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         # x: [T, in] -> one [T, out_i] view per member
         y = self.linear(x)  # [T, sum(out)]
-        outputs = []
-        for member, (start, end) in zip(self.members, self.bounds):
-            part = y[:, start:end]
+        outputs = [y[:, start:end] for start, end in self.bounds]
+        if all(isinstance(member, LoraLinear) for member in self.members):
+            context = self.members[0].context
+            if context.batch is not None:  # every member's delta in one call: one shrink reading x for all
+                context.op.add_delta(y, x, [m.lora_a for m in self.members], [m.lora_b for m in self.members], context.batch)
+            return outputs
+        for member, part in zip(self.members, outputs):
             if isinstance(member, LoraLinear):
                 member.add_delta(part, x)
-            outputs.append(part)
         return outputs
 
 

@@ -6,12 +6,12 @@ out]` (B transposed, see ops/lora.py; the last slot is the all-zero null slot), 
 adapter into a slot. The base weights are never modified. Which tokens use which slot is read from the shared `LoraContext`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from loraplex.engine.ops.lora import LoraBatch, add_lora_delta
+from loraplex.engine.ops.backend import ReferenceLora, TritonLora
 from loraplex.registry.adapter import LoraAdapter, ModuleShape
 from loraplex.registry.adapter_config import TARGET_NAMES
 
@@ -20,7 +20,8 @@ from loraplex.registry.adapter_config import TARGET_NAMES
 class LoraContext:
     """The current step's routing, set by the runner around each forward and read by every wrapper."""
 
-    batch: LoraBatch | None = None
+    op: ReferenceLora | TritonLora = field(default_factory=ReferenceLora)  # the engine's LoRA backend
+    batch: object | None = None  # what `op.prepare` built for this step; None: no adapter in the step
 
 
 class LoraLinear(nn.Module):
@@ -50,7 +51,7 @@ class LoraLinear(nn.Module):
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """Add this step's LoRA delta of each token to `y` ([T, out], maybe a view), in place."""
         if self.context.batch is not None:
-            add_lora_delta(y, x, self.lora_a, self.lora_b, self.context.batch)
+            self.context.op.add_delta(y, x, (self.lora_a,), (self.lora_b,), self.context.batch)
 
     def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float) -> None:
         """Copy one adapter's pair into `slot`, zero-padding the rank; None clears the slot.

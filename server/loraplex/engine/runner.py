@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.engine.ops.attention import AttentionBatch, SeqSpan, build_attention_batch, paged_attention
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.lora_layer import LoraContext
-from loraplex.engine.ops.lora import build_lora_batch
+from loraplex.engine.ops.attention import SeqSpan
+from loraplex.engine.ops.backend import StepOps
 from loraplex.engine.scheduler import ScheduledSeq
 
 
@@ -72,7 +72,9 @@ class ModelRunner:
         lora_context: shared with every wrapper; set here around each forward.
         device: where the model lives.
         max_lora_rank: the slot stacks' rank.
-        lora_strategy: how the LoRA deltas are computed (`EngineConfig.lora_strategy`).
+        lora_strategy: how the reference LoRA op computes the deltas (`EngineConfig.lora_strategy`).
+        ops: the attention and LoRA backends (`EngineConfig.kernel_backend`); the LoRA one is also
+            the context's, which every wrapper calls.
     """
 
     def __init__(
@@ -83,8 +85,11 @@ class ModelRunner:
         device: torch.device,
         max_lora_rank: int,
         lora_strategy: str,
+        ops: StepOps,
     ):
         self.model = model
+        self.ops = ops
+        lora_context.op = ops.lora
         self.max_lora_rank = max_lora_rank
         self.lora_strategy = lora_strategy
         self.decoder = model.model
@@ -128,11 +133,9 @@ class ModelRunner:
             if seq.samples:
                 sample_rows[i] = len(logit_tokens)
                 logit_tokens.append(offset + seq.length - 1)
-        attention = build_attention_batch(
-            spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device
-        )
+        attention = self.ops.attention.prepare(spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device)
         strategy = lora_strategy or self.lora_strategy
-        lora = build_lora_batch(token_slots, slot_ranks, self.max_lora_rank, self.device, strategy)
+        lora = self.ops.lora.prepare(token_slots, slot_ranks, self.max_lora_rank, null_slot + 1, self.device, strategy)
         tensors = (
             torch.tensor(token_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
@@ -144,7 +147,7 @@ class ModelRunner:
     def run(
         self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str | None = None
     ) -> tuple[torch.Tensor, LogitRows]:
-        """Forward one step (`lora_strategy`, as `build_lora_batch` takes it, overrides the runner's).
+        """Forward one step (`lora_strategy`, one of the LoRA op's `variants`, overrides the runner's).
 
         Returns:
             [R, V] float32 logits for the rows named by the returned `LogitRows`.
@@ -159,7 +162,7 @@ class ModelRunner:
         logits = self.model.lm_head(hidden).float()  # [R, V]
         return logits, rows
 
-    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBatch) -> torch.Tensor:
+    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
         hidden = self.decoder.embed_tokens(token_ids)  # [T, hidden]
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])  # [1, T, D] each
         cos, sin = cos[0], sin[0]
@@ -179,7 +182,7 @@ class ModelRunner:
         gate, up = fused(x)  # [T, intermediate] each
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
-    def _attention(self, index, attn: nn.Module, x, cos, sin, attention: AttentionBatch) -> torch.Tensor:
+    def _attention(self, index, attn: nn.Module, x, cos, sin, attention) -> torch.Tensor:
         num_tokens = x.shape[0]
         head_dim = attn.head_dim
         fused = getattr(attn, "fused_qkv", None)
@@ -190,7 +193,7 @@ class ModelRunner:
         if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
-        out = paged_attention(
+        out = self.ops.attention.attend(
             q,
             k,
             v,

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import torch
 
-from loraplex.engine.ops.lora import STRATEGIES
 from loraplex.engine.request import Request, SamplingParams
 from loraplex.engine.sampling import sample, token_logprobs
 from loraplex.engine.scheduler import ScheduledSeq
@@ -85,7 +84,7 @@ def check_model_runs(engine) -> None:
             token_logprobs(sampled.log_softmax(dim=-1), tokens, 2)
             for request, token in zip(requests, tokens.tolist()):
                 request.output_ids.append(token)
-            for strategy in STRATEGIES:
+            for strategy in engine.runner.ops.lora.variants:
                 phase = f"decode with the {strategy} LoRA strategy"
                 engine.runner.run([ScheduledSeq(r, length, 1) for r in requests], engine.null_slot, strategy)
         except Exception as exc:
