@@ -212,7 +212,11 @@ def serve(**options: Any) -> None:
         raise typer.Exit(code=2) from None
     base = svc.engine.base
     console.print(f"model: {config.model_name} ({config.engine.model})")
-    console.print(f"device: {base.device}, dtype: {str(base.dtype).removeprefix('torch.')}, quantization: {base.quantize}")
+    console.print(
+        f"device: {base.device}, dtype: {str(base.dtype).removeprefix('torch.')}, quantization: {base.quantize}, "
+        f"kernels: {svc.engine.kernel_backend}"
+    )
+    console.print(f"kv cache: {svc.engine.kv_summary}")
     if config.merge_adapter is not None:
         console.print(f"serving adapter {config.merge_adapter} merged into the base: LoRA off, no adapters taken")
     names = svc.catalog.names()

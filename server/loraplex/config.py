@@ -41,7 +41,15 @@ class EngineConfig(BaseModel):
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
     num_kv_blocks: int | None = Field(
         default=None, ge=1, le=1 << 24,
-        description="KV-cache blocks (default: enough for max_num_seqs sequences of max_model_len).",
+        description="KV-cache blocks; wins over the byte rules (default: from kv_cache_bytes or gpu_memory_utilization).",
+    )  # fmt: skip
+    kv_cache_bytes: int | None = Field(
+        default=None, ge=1, le=1 << 44,
+        description="KV-cache byte budget (default: on CUDA what gpu_memory_utilization leaves, on CPU max_num_seqs sequences of max_model_len).",
+    )  # fmt: skip
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1,
+        description="Share of the GPU's memory for weights, a step's activations and the KV cache (CUDA only).",
     )  # fmt: skip
     logprobs_mode: Literal["raw_logprobs", "raw_logits"] = Field(
         default="raw_logprobs", description="What per-token logprobs carry; raw_logits returns the logits themselves."
@@ -74,9 +82,13 @@ class EngineConfig(BaseModel):
         """Tokens per sequence: `max_model_len`, else the model's positions, at most 4096."""
         return self.max_model_len or min(max_position_embeddings or 4096, 4096)
 
-    def kv_blocks(self, model_len: int) -> int:
-        """KV-cache blocks: `num_kv_blocks`, else enough for `max_num_seqs` sequences of `model_len`."""
-        return self.num_kv_blocks or self.max_num_seqs * -(-model_len // self.block_size)
+    def kv_blocks(self, model_len: int, block_bytes: int) -> int:
+        """KV-cache blocks on CPU: `num_kv_blocks`, else what `kv_cache_bytes` holds, else `max_num_seqs` sequences."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes // block_bytes
+        return self.max_num_seqs * -(-model_len // self.block_size)
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

@@ -225,7 +225,8 @@ class MemoryPlan:
                 "KV cache",
                 f"{format_bytes(self.kv_cache_bytes)} ({format_bytes(self.kv_bytes_per_token)}/token x "
                 f"{self.kv_cache_tokens:,} tokens in {self.num_kv_blocks:,} blocks of {self.block_size}; "
-                f"{self.max_num_seqs} seqs x max_model_len {self.max_model_len})",
+                f"{self.max_num_seqs} seqs x max_model_len {self.max_model_len}; on CUDA, without --num-kv-blocks, the engine "
+                "takes what --gpu-memory-utilization leaves)",
             ),
             (
                 "adapter slots",
@@ -320,6 +321,7 @@ def plan_memory(
     linear_params = shape.num_layers * sum(i * o for i, o in projections)
     other_params = shape.num_layers * layer_other_params(shape) + outer_params(shape)
     model_len = engine.model_len(getattr(config, "max_position_embeddings", None))
+    kv_bytes_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes
     return MemoryPlan(
         shape=shape,
         dtype=str(torch_dtype).removeprefix("torch."),
@@ -330,8 +332,8 @@ def plan_memory(
         max_model_len=model_len,
         max_num_seqs=engine.max_num_seqs,
         block_size=engine.block_size,
-        num_kv_blocks=engine.kv_blocks(model_len),
-        kv_bytes_per_token=2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes,
+        num_kv_blocks=engine.kv_blocks(model_len, kv_bytes_per_token * engine.block_size),
+        kv_bytes_per_token=kv_bytes_per_token,
         max_loras=engine.max_loras,
         max_lora_rank=engine.max_lora_rank,
         slot_bytes=shape.num_layers * (engine.max_loras + 1) * lora_params_per_layer(shape, engine.max_lora_rank) * dtype_bytes,

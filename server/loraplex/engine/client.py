@@ -109,6 +109,8 @@ class EngineClient(EngineFront):
         self.dtype: torch.dtype = getattr(torch, facts["dtype"])
         self.base = EngineBase(tokenizer, facts["device"], facts["dtype"], facts["quantize"], facts["name"], facts["warnings"])
         self.snapshot = snapshot_from_wire(facts["snapshot"])
+        self.kv_summary: str = facts["kv_summary"]
+        self.kernel_backend: str = facts["kernel_backend"]
         threading.Thread(target=self._write_outbox, name="loraplex-engine-writer", daemon=True).start()
         self._reader_thread = threading.Thread(target=self._read_reports, name="loraplex-engine-reader", daemon=True)
         self._reader_thread.start()

@@ -174,6 +174,8 @@ def _facts(engine: Engine) -> dict:
         "quantize": base.quantize,
         "name": base.name,
         "warnings": list(base.warnings),
+        "kv_summary": engine.kv_summary,
+        "kernel_backend": engine.ops.name,
         "snapshot": snapshot_to_wire(engine.snapshot),
     }
 

@@ -9,6 +9,7 @@ boundary, so the scheduler and the slots are only touched here.
 """
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -24,6 +25,7 @@ from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.front import EngineFront
 from loraplex.engine.fused_projections import fuse_projections
 from loraplex.engine.kv_cache import KVCache
+from loraplex.engine.kv_sizing import block_bytes, profile_peak_bytes, size_kv_cache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
 from loraplex.engine.ops.backend import make_step_ops
 from loraplex.engine.outputs import LiveRequest, OutputProcessor
@@ -37,7 +39,7 @@ from loraplex.engine.request import (
     check_prompt,
 )
 from loraplex.engine.runner import ModelRunner
-from loraplex.engine.scheduler import Scheduler, SchedulerLimits
+from loraplex.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.warmup import check_model_runs
@@ -84,16 +86,13 @@ class Engine(EngineFront):
         self.null_slot = config.max_loras
         self.slots = SlotCache(config.max_loras, lambda slot, adapter: write_adapter(self.wrappers, slot, adapter))
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        num_blocks = config.kv_blocks(self.max_model_len)
-        self.kv_cache = KVCache(
-            hf_config.num_hidden_layers,
-            num_blocks,
-            config.block_size,
-            hf_config.num_key_value_heads,
-            head_dim,
-            self.base.dtype,
-            self.base.device,
-        )
+        self._cache_layout = (hf_config.num_hidden_layers, config.block_size, hf_config.num_key_value_heads, head_dim)
+        self.ops = make_step_ops(config.kernel_backend, self.base.device)
+        self.kernel_backend = self.ops.name
+        per_block = block_bytes(*self._cache_layout, self.base.dtype)
+        self.kv_sizing = size_kv_cache(config, self.max_model_len, per_block, self.base.device, self._profile_peak)
+        self.kv_cache = self._make_cache(self.kv_sizing.num_blocks)
+        self.kv_summary = self.kv_sizing.summary(self.max_model_len)  # the start-up line
         limits = SchedulerLimits(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
@@ -101,9 +100,8 @@ class Engine(EngineFront):
         )
         self.scheduler = Scheduler(limits, self.kv_cache, self.slots)
         self.runner = ModelRunner(
-            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy,
-            make_step_ops(config.kernel_backend, self.base.device),
-        )  # fmt: skip
+            self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy, self.ops
+        )
         self.eos_ids = self._eos_ids()
         self.adapters: dict[str, LoraAdapter] = {}
         self._retired: list[LoraAdapter] = []
@@ -125,6 +123,30 @@ class Engine(EngineFront):
         self.failure: str | None = None  # why the loop stopped, once it has
         self.snapshot = EngineSnapshot(slots_total=config.max_loras)
         check_model_runs(self)
+
+    def _make_cache(self, num_blocks: int) -> KVCache:
+        num_layers, block_size, kv_heads, head_dim = self._cache_layout
+        return KVCache(num_layers, num_blocks, block_size, kv_heads, head_dim, self.base.dtype, self.base.device)
+
+    def _profile_peak(self) -> int:
+        """CUDA bytes in use at the peak of the largest step: `max_num_batched_tokens` over up to `max_num_seqs` sequences."""
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+        num_seqs = max(1, min(self.config.max_num_seqs, tokens))
+        length = max(1, tokens // num_seqs)
+        probe = self._make_cache(num_seqs * -(-length // self.config.block_size))
+        runner = ModelRunner(
+            self.base.model, probe, self.lora_context, self.base.device, self.config.max_lora_rank, self.config.lora_strategy, self.ops
+        )
+        params = SamplingParams(max_tokens=1, temperature=0)
+        requests = [Request(f"kv-profile-{i}", [0] * length, None, params) for i in range(num_seqs)]
+        for request in requests:
+            request.block_table = probe.allocator.allocate(probe.blocks_needed(length))
+        cache_bytes = 2 * sum(keys.numel() * keys.element_size() for keys in probe.keys)
+        batch = [ScheduledSeq(request, 0, length) for request in requests]
+        peak = profile_peak_bytes(functools.partial(runner.run, batch, self.null_slot), cache_bytes, self.base.device)
+        del probe, runner
+        torch.cuda.empty_cache()
+        return peak
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.base.model.generation_config, "eos_token_id", None)
