@@ -120,14 +120,14 @@ def quantization_config(quantize: str) -> BitsAndBytesConfig | None:
 class PeftOracle:
     """PEFT's own `generate`, one request at a time with its adapter: the reference outputs."""
 
-    def __init__(self, setup: TinySetup, quantize: str = "none"):
+    def __init__(self, setup: TinySetup, quantize: str = "none", device: str = "cpu", dtype: torch.dtype = torch.float32):
         quantization = quantization_config(quantize)
         base = AutoModelForCausalLM.from_pretrained(
-            setup.model_dir,
-            dtype=torch.float32,
-            quantization_config=quantization,
-            device_map="cpu" if quantization is not None else None,
+            setup.model_dir, dtype=dtype, quantization_config=quantization, device_map=device if quantization is not None else None
         )
+        if quantization is None:
+            base.to(device)  # bitsandbytes' layers refuse `.to`: device_map placed them
+        self.device = device
         names = list(setup.adapter_dirs)
         self.model = PeftModel.from_pretrained(base, setup.adapter_dirs[names[0]], adapter_name=names[0])
         for name in names[1:]:
@@ -140,7 +140,7 @@ class PeftOracle:
 
     def generate(self, prompt: list[int], adapter: str | None, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
         """Greedy tokens and the [n, V] logits that chose them."""
-        inputs = torch.tensor([prompt])
+        inputs = torch.tensor([prompt], device=self.device)
         kwargs = dict(
             input_ids=inputs,
             attention_mask=torch.ones_like(inputs),
@@ -157,7 +157,7 @@ class PeftOracle:
                 self.model.set_adapter(adapter)
                 out = self.model.generate(**kwargs)
         tokens = out.sequences[0, len(prompt) :].tolist()
-        return tokens, torch.cat(out.logits).float()
+        return tokens, torch.cat(out.logits).float().cpu()
 
 
 @pytest.fixture(scope="session")

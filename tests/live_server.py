@@ -21,14 +21,13 @@ from loraplex.server import build_services
 def server_config(
     model_dir: Path, adapters: Path, api_keys: Path | None = None, engine_process: bool = False, **engine
 ) -> ServerConfig:
-    """A small float32 CPU server over `model_dir` with the adapter store at `adapters`.
+    """A small float32 CPU server (unless `engine` says otherwise) over `model_dir`, its adapter store at `adapters`.
 
     The engine runs on a thread of the test's process (tests look at its state) unless
     `engine_process` asks for the process of its own that `loraplex serve` gives it.
     """
-    engine_config = EngineConfig(
-        model=str(model_dir), dtype="float32", device="cpu", **{"max_loras": 4, "max_model_len": 256, **engine}
-    )
+    defaults = {"dtype": "float32", "device": "cpu", "max_loras": 4, "max_model_len": 256}
+    engine_config = EngineConfig(model=str(model_dir), **{**defaults, **engine})
     return ServerConfig(
         engine=engine_config, served_model_name="tiny-base", adapters=adapters, api_keys=api_keys, engine_process=engine_process
     )

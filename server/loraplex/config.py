@@ -45,7 +45,10 @@ class EngineConfig(BaseModel):
     )  # fmt: skip
     kv_cache_bytes: int | None = Field(
         default=None, ge=1, le=1 << 44,
-        description="KV-cache byte budget (default: on CUDA what gpu_memory_utilization leaves, on CPU max_num_seqs sequences of max_model_len).",
+        description=(
+            "KV-cache byte budget "
+            "(default: on CUDA what gpu_memory_utilization leaves, on CPU max_num_seqs sequences of max_model_len)."
+        ),
     )  # fmt: skip
     gpu_memory_utilization: float = Field(
         default=0.9, gt=0, le=1,
