@@ -158,6 +158,7 @@ def decode_step_seconds(engine: Engine, shape: Shape, adapters: list, device) ->
         request.slot = None if adapter is None else engine.slots.acquire(adapter)
         requests.append(request)
     try:
+        engine.slot_writer.ready_for_step()
         engine.runner.run([ScheduledSeq(r, 0, length - 1) for r in requests], engine.null_slot)  # prefill the context
         step = [ScheduledSeq(r, length - 1, 1) for r in requests]
         engine.runner.run(step, engine.null_slot)

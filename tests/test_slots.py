@@ -6,7 +6,8 @@ import torch
 from loraplex.engine.lora_layer import LoraContext, LoraLinear
 from loraplex.engine.ops import lora as lora_ops
 from loraplex.engine.ops.lora import add_lora_delta, build_lora_batch, find_segments
-from loraplex.registry.adapter import LoraAdapter
+from loraplex.engine.slot_writer import make_image
+from loraplex.registry.adapter import LoraAdapter, LoraWeights
 from loraplex.registry.slots import SlotCache
 
 
@@ -192,3 +193,19 @@ def test_a_slot_rewritten_with_a_lower_rank_adapter_keeps_nothing_of_the_previou
     assert not layer.lora_a[1, 4:].any() and not layer.lora_b[1, 4:].any()
     layer.write_slot(1, None, None, 0.0)
     assert not layer.lora_a.any() and not layer.lora_b.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_slot_image_copies_exactly_what_the_in_place_write_stores(dtype):
+    """CUDA writes a prepared image (pinned, async); CPU scales in place: the stacks must hold the same bits."""
+    wrappers = {name: LoraLinear(torch.nn.Linear(6, 5, bias=False), num_slots=2, max_rank=8, dtype=dtype, context=LoraContext())
+                for name in ("in_place", "image")}  # fmt: skip
+    weights = LoraWeights(torch.randn(4, 6), torch.randn(5, 4), 0.37)
+    adapter = LoraAdapter("a", 4, 1.48, False, ["q_proj"], {"image": weights}, 0)
+    wrappers["in_place"].write_slot(1, weights.lora_a, weights.lora_b, weights.scaling)
+    image = make_image(adapter, dtype, pin=False)
+    wrappers["image"].copy_slot(1, *image.pairs["image"], non_blocking=False)
+    assert torch.equal(wrappers["image"].lora_a, wrappers["in_place"].lora_a)
+    assert torch.equal(wrappers["image"].lora_b, wrappers["in_place"].lora_b)
+    wrappers["image"].copy_slot(1, None, None, non_blocking=False)
+    assert not wrappers["image"].lora_a.any() and not wrappers["image"].lora_b.any()

@@ -26,7 +26,7 @@ from loraplex.engine.front import EngineFront
 from loraplex.engine.fused_projections import fuse_projections
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.kv_sizing import block_bytes, profile_peak_bytes, size_kv_cache
-from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets, write_adapter
+from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets
 from loraplex.engine.ops.backend import make_step_ops
 from loraplex.engine.outputs import LiveRequest, OutputProcessor
 from loraplex.engine.packed_linear import pack_linears
@@ -40,6 +40,7 @@ from loraplex.engine.request import (
 )
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
+from loraplex.engine.slot_writer import SlotWriter
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.warmup import check_model_runs
@@ -84,7 +85,8 @@ class Engine(EngineFront):
             pack_linears(self.base.model)
         self.module_shapes = module_shapes(self.wrappers)
         self.null_slot = config.max_loras
-        self.slots = SlotCache(config.max_loras, lambda slot, adapter: write_adapter(self.wrappers, slot, adapter))
+        self.slot_writer = SlotWriter(self.wrappers, self.base.dtype, self.base.device)
+        self.slots = SlotCache(config.max_loras, self.slot_writer.write)
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self._cache_layout = (hf_config.num_hidden_layers, config.block_size, hf_config.num_key_value_heads, head_dim)
         self.ops = make_step_ops(config.kernel_backend, self.base.device)
@@ -160,6 +162,7 @@ class Engine(EngineFront):
 
     def register_adapter(self, adapter: LoraAdapter) -> None:
         """Make `adapter` the version new requests for its name get; running ones keep theirs."""
+        self.slot_writer.register(adapter)  # on CUDA: its pinned image, made here, not in a step
         previous = self.adapters.get(adapter.name)
         self.adapters[adapter.name] = adapter
         if previous is not None:
@@ -275,6 +278,7 @@ class Engine(EngineFront):
         outputs = self.outputs
         outputs.failures = 0
         try:
+            self.slot_writer.ready_for_step()
             logits, rows = self.runner.run(batch, self.null_slot)
         except Exception as exc:
             log.exception("an engine step of %d sequences failed; running them one by one to find why", len(batch))
@@ -352,7 +356,10 @@ class Engine(EngineFront):
 
     def _free_retired(self) -> None:
         if self._retired:
-            self._retired = [adapter for adapter in self._retired if not self.slots.discard(adapter)]
+            freed = [adapter for adapter in self._retired if self.slots.discard(adapter)]
+            for adapter in freed:
+                self.slot_writer.forget(adapter)
+            self._retired = [adapter for adapter in self._retired if adapter not in freed]
 
     def start(self) -> None:
         """Run the step loop on a background thread (needed by `submit`)."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loraplex.engine.ops.backend import ReferenceLora, TritonLora
-from loraplex.registry.adapter import LoraAdapter, ModuleShape
+from loraplex.registry.adapter import ModuleShape
 from loraplex.registry.adapter_config import TARGET_NAMES
 
 
@@ -59,11 +59,7 @@ class LoraLinear(nn.Module):
         Only the rows the previous occupant used beyond the new rank are zeroed, so a slot switch
         between adapters of one rank is two copies per wrapper.
         """
-        rank = 0 if lora_a is None else lora_a.shape[0]
-        previous, self.slot_ranks[slot] = self.slot_ranks[slot], rank
-        if previous > rank:
-            self.lora_a[slot, rank:previous].zero_()
-            self.lora_b[slot, rank:previous].zero_()
+        rank = self._set_rank(slot, 0 if lora_a is None else lora_a.shape[0])
         if lora_a is None:
             return
         self.lora_a[slot, :rank].copy_(lora_a)
@@ -72,6 +68,22 @@ class LoraLinear(nn.Module):
             torch.mul(lora_b.T, scaling, out=self.lora_b[slot, :rank])
         else:
             self.lora_b[slot, :rank].copy_(lora_b.to(torch.float32).mul(scaling).T)
+
+
+    def copy_slot(self, slot: int, lora_a: torch.Tensor | None, lora_bt: torch.Tensor | None, non_blocking: bool) -> None:
+        """Copy a pair already laid out as the stacks hold it (A [r, in], scaling * B.T [r, out]; slot_writer.py)."""
+        rank = self._set_rank(slot, 0 if lora_a is None else lora_a.shape[0])
+        if lora_a is not None:
+            self.lora_a[slot, :rank].copy_(lora_a, non_blocking=non_blocking)
+            self.lora_b[slot, :rank].copy_(lora_bt, non_blocking=non_blocking)
+
+    def _set_rank(self, slot: int, rank: int) -> int:
+        """Record `slot`'s new rank, zeroing the rows a previous, larger occupant used beyond it."""
+        previous, self.slot_ranks[slot] = self.slot_ranks[slot], rank
+        if previous > rank:
+            self.lora_a[slot, rank:previous].zero_()
+            self.lora_b[slot, rank:previous].zero_()
+        return rank
 
 
 def wrap_lora_targets(
@@ -99,14 +111,3 @@ def wrap_lora_targets(
 def module_shapes(wrappers: dict[str, LoraLinear]) -> dict[str, ModuleShape]:
     """What adapters are validated against: each wrapped module's widths."""
     return {name: ModuleShape(w.in_features, w.out_features) for name, w in wrappers.items()}
-
-
-def write_adapter(wrappers: dict[str, LoraLinear], slot: int, adapter: LoraAdapter | None) -> None:
-    """Copy `adapter` into `slot` of every wrapper (a module it does not target gets zeros)."""
-    with torch.inference_mode():
-        for name, wrapper in wrappers.items():
-            weights = adapter.modules.get(name) if adapter is not None else None
-            if weights is None:
-                wrapper.write_slot(slot, None, None, 0.0)
-            else:
-                wrapper.write_slot(slot, weights.lora_a, weights.lora_b, weights.scaling)
