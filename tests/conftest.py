@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+
+# Without CUDA the Triton kernels run under Triton's interpreter (on CPU tensors). It must be on
+# before anything imports triton: transformers does, through torch._dynamo, just below.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from tiny import make_adapter, make_model
@@ -83,8 +89,9 @@ class TinySetup:
     adapter_dirs: dict[str, Path]
 
 
-def build_setup(root: Path, arch: str, seed: int) -> TinySetup:
-    model_dir = make_model(root / f"{arch}-base", arch, seed=seed)
+def build_setup(root: Path, arch: str, seed: int, **model_fields) -> TinySetup:
+    """A tiny `arch` checkpoint (`model_fields` override its config) with every adapter of ADAPTER_SPECS."""
+    model_dir = make_model(root / f"{arch}-base", arch, seed=seed, **model_fields)
     adapters = {
         name: make_adapter(model_dir, root / f"{arch}-{name}", **spec) for name, spec in ADAPTER_SPECS.items()
     }

@@ -4,22 +4,22 @@ The oracle is `paged_attention` over `build_attention_batch` metadata, run in fp
 (low-precision inputs upcast), for the same scattered layout: shuffled block tables, random contexts
 already in the cache. The kernel gets the step's K/V written at the slot mapping first, then flat
 varlen metadata. Table-driven over decode / prefill / chunked prefill / mixed steps, GQA ratios
-(MQA included), head dims (powers of two and not), block sizes and sliding windows, in fp32, bf16
-and fp16. Off CUDA the kernel runs in Triton's interpreter, so shapes stay small.
+(MQA and a group of 7 included), head dims (powers of two and not), block sizes (1, 3, 8, 16, 32)
+and sliding windows, in fp32, bf16 and fp16. Off CUDA the kernel runs in Triton's interpreter, so
+shapes stay small, and bf16 is skipped: the interpreter has no bf16 tl.dot.
 
-Measured (interpreter, CPU): max abs error fp32 1.2e-6, bf16 7.8e-3, fp16 9.8e-4 against the fp32 oracle.
+Measured max abs error against the fp32 oracle (interpreter, CPU): fp32 6.0e-7 over the table
+(1.6e-6 over 150 random layouts), fp16 9.3e-4 (1.3e-3). bf16 1.7e-2 with the interpreter's dot
+patched to upcast bf16 operands as the GPU's MMA does (27% of its tolerance at the worst element);
+not yet measured compiled.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is decorated, at import below
-
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")  # without CUDA, conftest.py has turned Triton's interpreter on
 
 from loraplex.engine.ops.attention import SeqSpan, build_attention_batch, paged_attention  # noqa: E402
 from loraplex.engine.ops.attention_triton import paged_attention_triton  # noqa: E402
@@ -79,16 +79,9 @@ def make_step(spans, heads, kv_heads, head_dim, block_size, dtype, seed):
 def oracle(step, block_size, window, scale):
     """[T, H, D] fp32: the reference op on fp32 copies of the step (it writes K/V into its own cache copy)."""
     batch = build_attention_batch(step["seq_spans"], step["slot_mapping"], block_size, window, DEVICE)
-    return paged_attention(
-        step["q"].float().to(DEVICE),
-        step["k"].float().to(DEVICE),
-        step["v"].float().to(DEVICE),
-        step["key_cache"].float().to(DEVICE),
-        step["value_cache"].float().to(DEVICE),
-        batch,
-        scale,
-        sliding=window is not None,
-    )
+    names = ("q", "k", "v", "key_cache", "value_cache")
+    q, k, v, key_cache, value_cache = (step[name].to(DEVICE, torch.float32, copy=True) for name in names)
+    return paged_attention(q, k, v, key_cache, value_cache, batch, scale, sliding=window is not None)
 
 
 def run_kernel(step, block_size, window, scale, key_cache=None, value_cache=None, q=None):
@@ -129,11 +122,19 @@ CASES = {
     "sliding-16-shorter-than-some": ([(200, 1), (5, 1), (0, 40), (30, 12)], 4, 2, 32, 8, 16),
     "sliding-100-longer-than-some": ([(299, 1), (20, 1), (60, 50)], 8, 4, 64, 16, 100),
     "sliding-4-block1": ([(6, 1), (0, 3)], 2, 2, 32, 1, 4),
+    "sliding-1-head16": ([(9, 1), (0, 1), (4, 6)], 2, 1, 16, 8, 1),
+    "chunked-prefill-block3-sliding-20": ([(50, 30)], 4, 2, 32, 3, 20),
+    "mixed-gqa7-nonpow2-group": ([(33, 1), (0, 25)], 14, 2, 64, 16, None),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Triton's interpreter multiplies bf16 dot operands as their uint16 bit patterns (triton-lang/triton#11584,
+# "we just don't support it yet"): bf16 runs compiled, on CUDA, only.
+BF16 = pytest.param(
+    torch.bfloat16, id="bf16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no bf16 tl.dot in Triton's interpreter")
+)
+DTYPES = [pytest.param(torch.float32, id="fp32"), BF16, pytest.param(torch.float16, id="fp16")]
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("spans", "heads", "kv_heads", "head_dim", "block_size", "window"), CASES.values(), ids=CASES.keys())
 def test_kernel_matches_reference_op(spans, heads, kv_heads, head_dim, block_size, window, dtype):
     step = make_step(spans, heads, kv_heads, head_dim, block_size, dtype, seed=len(spans) * 1000 + head_dim + block_size)
@@ -144,7 +145,7 @@ def test_kernel_matches_reference_op(spans, heads, kv_heads, head_dim, block_siz
     torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_outside_every_context_never_reaches_the_output(dtype):
     # Partial last blocks, spare blocks, and block 0 (the tables' padding) all hold NaN.
     spans, block_size, window = [(37, 1), (0, 11), (21, 6), (2, 1)], 8, None

@@ -95,6 +95,8 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
+        if self.kernel_backend == "triton" and self.lora_strategy != "auto":
+            raise ValueError(f"--lora-strategy {self.lora_strategy} forces a PyTorch op; the Triton kernels pick their own")
         if self.quantize != "none" and self.dtype == "float16" and self.device == "cpu":
             raise ValueError("quantized bases on CPU need float32 compute: use --dtype float32 or auto")
         return self

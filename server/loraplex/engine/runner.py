@@ -18,6 +18,7 @@ from loraplex.engine.lora_layer import LoraContext
 from loraplex.engine.ops.attention import SeqSpan
 from loraplex.engine.ops.backend import StepOps
 from loraplex.engine.scheduler import ScheduledSeq
+from loraplex.engine.step_inputs import to_device
 
 
 @dataclass
@@ -136,11 +137,7 @@ class ModelRunner:
         attention = self.ops.attention.prepare(spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device)
         strategy = lora_strategy or self.lora_strategy
         lora = self.ops.lora.prepare(token_slots, slot_ranks, self.max_lora_rank, null_slot + 1, self.device, strategy)
-        tensors = (
-            torch.tensor(token_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            torch.tensor(logit_tokens, dtype=torch.long, device=self.device),
-        )
+        tensors = to_device((token_ids, positions, logit_tokens), torch.long, self.device)
         return tensors, attention, lora, LogitRows(sample_rows, prompt_rows)
 
     @torch.inference_mode()

@@ -113,7 +113,7 @@ def _paged_attention_kernel(
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
-def launch_config(num_heads: int, num_kv_heads: int, head_dim: int, max_query_len: int) -> dict[str, int]:
+def _launch_config(num_heads: int, num_kv_heads: int, head_dim: int, max_query_len: int) -> dict[str, int]:
     """The tile sizes for a step's shapes.
 
     Args:
@@ -165,7 +165,8 @@ def paged_attention_triton(
         key_cache, value_cache: [num_blocks * block_size, Hkv, D], the step's K/V already written.
         query_starts: [B + 1] int32, sequence b's queries are rows query_starts[b] .. query_starts[b + 1] - 1.
         seq_lens: [B] int32, each sequence's context length including this step's tokens.
-        block_tables: [B, max_blocks] int32, cache block of each block of context (unused entries: any valid block).
+        block_tables: [B, max_blocks] int32, cache block of each block of context; entries past a
+            sequence's last block are never read (padding may be anything, e.g. 0).
         block_size: cache slots per block.
         scale: softmax scale.
         sliding_window: keys with p - key_pos >= sliding_window are hidden; None for full attention.
@@ -180,7 +181,7 @@ def paged_attention_triton(
             raise ValueError(f"{name} must be contiguous in its last dimension")
     if key_cache.stride() != value_cache.stride():
         raise ValueError("key_cache and value_cache must share strides")
-    config = launch_config(num_heads, num_kv_heads, head_dim, max_query_len)
+    config = _launch_config(num_heads, num_kv_heads, head_dim, max_query_len)
     grid = (num_seqs, triton.cdiv(max_query_len, config["BLOCK_Q"]), num_kv_heads)
     _paged_attention_kernel[grid](
         q,

@@ -13,7 +13,9 @@ the op itself runs per layer and must not touch the host. Triton is imported onl
 is chosen. Nothing here decides what the step computes: both backends give the same values.
 """
 
+import functools
 import importlib.util
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import torch
 
 from loraplex.engine.ops.attention import AttentionBatch, SeqSpan, build_attention_batch, paged_attention
 from loraplex.engine.ops.lora import STRATEGIES, LoraBatch, add_lora_delta, build_lora_batch
+from loraplex.engine.step_inputs import to_device
 from loraplex.errors import ModelLoadError
 
 
@@ -92,11 +95,13 @@ class TritonAttention:
         seq_lens = [span.start + span.length for span in spans]
         num_blocks = max(-(-length // block_size) for length in seq_lens)
         tables = [span.block_table[:num_blocks] + [0] * (num_blocks - len(span.block_table[:num_blocks])) for span in spans]
+        flat_tables = list(itertools.chain.from_iterable(tables))
+        slots, query_starts, lengths, block_tables = to_device((slot_mapping, starts, seq_lens, flat_tables), torch.int32, device)
         return TritonAttentionBatch(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            query_starts=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            slot_mapping=slots.long(),  # index_copy_ takes int64 indices
+            query_starts=query_starts,
+            seq_lens=lengths,
+            block_tables=block_tables.view(len(spans), num_blocks),
             max_query_len=max(span.length for span in spans),
             block_size=block_size,
             sliding_window=sliding_window,
@@ -109,7 +114,7 @@ class TritonAttention:
         out = torch.empty_like(q)
         window = batch.sliding_window if sliding else None
         self._kernel(
-            q.contiguous(), key_cache, value_cache, batch.query_starts, batch.seq_lens, batch.block_tables,
+            q, key_cache, value_cache, batch.query_starts, batch.seq_lens, batch.block_tables,
             batch.block_size, scaling, window, batch.max_query_len, out,
         )  # fmt: skip
         return out
@@ -119,7 +124,7 @@ class TritonLora:
     """The batched LoRA delta by Triton SGMV/BGMV kernels, every member of a fused group in one launch each."""
 
     name = "triton"
-    variants = ("auto",)
+    variants = ("auto", "sgmv", "bgmv")  # what the start-up check runs once each
 
     def __init__(self):
         from loraplex.engine.ops import lora_triton
@@ -127,9 +132,12 @@ class TritonLora:
         self._kernels = lora_triton
 
     def prepare(self, token_slots, slot_ranks, max_rank, num_slots, device, variant):
+        """`variant`: a kernel variant, or a reference strategy (`--lora-strategy`), which leaves the choice to the kernels."""
         if not slot_ranks:
             return None
-        return self._kernels.build_kernel_batch(token_slots, slot_ranks, num_slots, device)
+        variant = variant if variant in self.variants else "auto"
+        upload = functools.partial(to_device, dtype=torch.int32, device=device)
+        return self._kernels.build_kernel_batch(token_slots, slot_ranks, num_slots, device, variant, upload)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], batch) -> None:
         """y: [T, sum(out_m)], member m owning the next out_m columns; x: [T, in]; stacks as lora.py."""
