@@ -175,6 +175,32 @@ def decode_step_seconds(engine: Engine, shape: Shape, adapters: list, device) ->
                 engine.slots.release(request.adapter)
 
 
+def graph_figures(engine: Engine, shape: Shape, names: list[str], prompts, device, seed: int) -> dict:
+    """Decode steps and N = 64 throughput again with `--cuda-graphs`' captured decode steps (or why capture failed)."""
+    from loraplex.engine.decode_graphs import DecodeGraphs, bucket_sizes
+
+    try:
+        started = time.perf_counter()
+        engine.runner.graphs = DecodeGraphs(
+            engine.runner, bucket_sizes(engine.config.max_num_seqs), engine.null_slot, engine.config.max_lora_rank,
+            engine.kv_cache.scratch_slot, engine.max_model_len,
+        )  # fmt: skip
+        figures = {"capture_seconds": time.perf_counter() - started}
+        count = max(ADAPTER_COUNTS)
+        base_only = [None] * shape.decode_batch
+        mixed = [engine.adapters[names[i % count]] for i in range(shape.decode_batch)]
+        figures["decode_base_s"] = decode_step_seconds(engine, shape, base_only, device)
+        figures["decode_mixed_s"] = decode_step_seconds(engine, shape, mixed, device)
+        seconds, _ = timed_generate(engine, prompts, popular_adapters(names, len(prompts), seed + count), shape.new_tokens, device)
+        figures["tok_s_64"] = len(prompts) * shape.new_tokens / seconds
+        figures["replays"] = engine.runner.graphs.replays
+        return figures
+    except Exception as exc:  # a capture that fails is a finding to report, not a reason to lose the other figures
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        engine.runner.graphs = None
+
+
 def roofline_seconds(engine: Engine, base: BaseModel, shape: Shape, adapters: list, bandwidth: float) -> float:
     """Bytes one decode step must read once (weights but the embedding table, distinct adapters, KV) over `bandwidth`."""
     model = base.model
@@ -228,6 +254,8 @@ def run(args) -> dict:
             distinct = len({a.uid for a in adapters if a is not None})
             decode[distinct] = (measured, roofline_seconds(engine, base, shape, adapters, args.bandwidth))
         results["decode"] = decode
+        if device.type == "cuda" and engine.kernel_backend == "triton":
+            results["graphs"] = graph_figures(engine, shape, names, prompts, device, args.seed)
     results["total_seconds"] = time.perf_counter() - started
     return results
 
@@ -259,6 +287,15 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| decode step, {label} | {measured * 1e3:.2f} ms, roofline {roofline * 1e3:.2f} ms: {ratio:.2f} × | "
             f"≤ 2 × {'✓' if ratio <= 2 else '✗'} |"
+        )
+    graphs = results.get("graphs")
+    if graphs is not None and "error" in graphs:
+        lines.append(f"| CUDA graphs (`--cuda-graphs`) | capture failed: {graphs['error']} | |")
+    elif graphs is not None:
+        lines.append(
+            f"| CUDA graphs (`--cuda-graphs`), {graphs['capture_seconds']:.1f} s to capture | decode step base only "
+            f"{graphs['decode_base_s'] * 1e3:.2f} ms, with adapters {graphs['decode_mixed_s'] * 1e3:.2f} ms; N = 64 "
+            f"{graphs['tok_s_64']:,.0f} output tok/s ({graphs['replays']} steps replayed) | |"
         )
     equal = f"{results['peft_equal_requests']} / {results['peft_requests']}"
     lines.append(f"| greedy outputs equal to PEFT's (bf16: ties may break apart) | {equal} | |")

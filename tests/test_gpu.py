@@ -8,7 +8,8 @@ is there: they pick the device themselves.
   * bfloat16: each request's first-token logits within 0.1 of PEFT's on the same device and dtype
     (bf16 keeps 8 bits of mantissa: logits of magnitude ~5 move by ~0.02 per rounding), and the
     first greedy token equal for at least 9 of 10 requests (a near-tie may break either way);
-  * nf4 and int8 bases (bitsandbytes on CUDA, float32 compute): tokens identical, logits within 1e-3.
+  * nf4 and int8 bases (bitsandbytes on CUDA, float32 compute): tokens identical, logits within 1e-3;
+  * CUDA graph replay of decode steps (`--cuda-graphs`): the eager step's tokens, logits within 1e-5.
 """
 
 import shutil
@@ -71,3 +72,15 @@ def test_server_on_cuda_answers_the_openai_sdk_with_peft_tokens(llama, tmp_path,
                 model=adapter or "tiny-base", prompt=prompt, max_tokens=MAX_NEW, temperature=0, extra_body={"ignore_eos": True}
             )
             assert response.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_cuda_graph_replay_equals_the_eager_step_and_peft(llama):
+    """Every decode step replayed from a captured graph, the LoRA path included (SGLang#32703 lost it)."""
+    eager = make_engine(llama, device="cuda", dtype="float32").generate(PROMPTS, ADAPTERS, logits_params())
+    engine = make_engine(llama, device="cuda", dtype="float32", cuda_graphs=True)
+    replayed = engine.generate(PROMPTS, ADAPTERS, logits_params())
+    assert engine.runner.graphs.replays >= MAX_NEW - 1
+    assert_matches(PeftOracle(llama, device="cuda"), REQUESTS, PROMPTS, replayed, tol=1e-3)
+    for ours, theirs in zip(replayed, eager, strict=True):
+        assert ours.output_ids == theirs.output_ids
+        assert (logits_of(ours) - logits_of(theirs)).abs().max().item() <= 1e-5

@@ -76,6 +76,10 @@ class EngineConfig(BaseModel):
         default="auto",
         description="Attention and LoRA ops: auto runs Triton kernels on CUDA and the PyTorch ops on CPU; the others force one.",
     )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="Replay decode steps from CUDA graphs, one per batch-size bucket (Triton kernels on CUDA; not yet verified on a GPU).",
+    )
     lora_strategy: Literal["auto", "dense", "gather", "segment"] = Field(
         default="auto",
         description="How a step's LoRA deltas are computed: auto picks the cheapest per layer; the others force one.",
@@ -95,6 +99,8 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
+        if self.cuda_graphs and (self.device == "cpu" or self.kernel_backend == "reference"):
+            raise ValueError("--cuda-graphs captures the Triton kernels on CUDA: it needs CUDA and --kernel-backend auto or triton")
         if self.kernel_backend == "triton" and self.lora_strategy != "auto":
             raise ValueError(f"--lora-strategy {self.lora_strategy} forces a PyTorch op; the Triton kernels pick their own")
         if self.quantize != "none" and self.dtype == "float16" and self.device == "cpu":

@@ -44,7 +44,7 @@ from loraplex.engine.slot_writer import SlotWriter
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.warmup import check_model_runs
-from loraplex.errors import AdapterNotFound, EngineUnavailable, QueueFull
+from loraplex.errors import AdapterNotFound, EngineUnavailable, ModelLoadError, QueueFull
 from loraplex.registry.adapter import LoraAdapter
 from loraplex.registry.slots import SlotCache
 
@@ -125,6 +125,8 @@ class Engine(EngineFront):
         self.failure: str | None = None  # why the loop stopped, once it has
         self.snapshot = EngineSnapshot(slots_total=config.max_loras)
         check_model_runs(self)
+        if config.cuda_graphs:
+            self._capture_decode_graphs()
 
     def _make_cache(self, num_blocks: int) -> KVCache:
         num_layers, block_size, kv_heads, head_dim = self._cache_layout
@@ -149,6 +151,19 @@ class Engine(EngineFront):
         del probe, runner
         torch.cuda.empty_cache()
         return peak
+
+    def _capture_decode_graphs(self) -> None:
+        """Capture a decode graph per batch-size bucket (decode_graphs.py), after the start-up check compiled every kernel."""
+        if self.base.device.type != "cuda" or self.ops.name != "triton":
+            raise ModelLoadError(
+                f"--cuda-graphs needs CUDA and the Triton kernels; this engine runs {self.ops.name} ops on {self.base.device}"
+            )
+        from loraplex.engine.decode_graphs import DecodeGraphs, bucket_sizes
+
+        self.runner.graphs = DecodeGraphs(
+            self.runner, bucket_sizes(self.config.max_num_seqs), self.null_slot, self.config.max_lora_rank,
+            self.kv_cache.scratch_slot, self.max_model_len,
+        )  # fmt: skip
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.base.model.generation_config, "eos_token_id", None)

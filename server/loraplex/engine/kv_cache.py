@@ -1,7 +1,7 @@
 """The paged KV cache: fixed-size blocks in per-layer tensors, and the allocator handing them out.
 
-Owns: the K and V tensors of every layer, shaped `[num_blocks * block_size, kv_heads, head_dim]`
-(a flat view of `[num_blocks, block_size, ...]`, so a token's cache slot is `block * block_size +
+Owns: the K and V tensors of every layer, shaped `[(num_blocks + 1) * block_size, kv_heads, head_dim]`
+(a flat view of `[num_blocks + 1, block_size, ...]`, so a token's cache slot is `block * block_size +
 offset`), and the free list of blocks. Sequences of any length and position share a step because
 each one reads its context through its own block table. What a sequence owns is the scheduler's
 business; this module only counts blocks.
@@ -49,7 +49,9 @@ class KVCache:
     ):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        shape = (num_blocks * block_size, kv_heads, head_dim)
+        # One block more than the allocator hands out: padding rows of a captured decode step write there.
+        self.scratch_slot = num_blocks * block_size
+        shape = ((num_blocks + 1) * block_size, kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

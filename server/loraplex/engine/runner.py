@@ -8,7 +8,7 @@ attention is ours, over the paged cache). It returns logits; sampling is
 not its business.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,6 +33,20 @@ class LogitRows:
         first, count = self.prompt_rows.get(index, (0, 0))
         rows = list(range(first, first + count))
         return rows + [self.sample_rows[index]] if index in self.sample_rows else rows
+
+
+@dataclass
+class StepLists:
+    """A step flattened on the host, sequences ordered by LoRA slot."""
+
+    token_ids: list[int] = field(default_factory=list)  # [T]
+    positions: list[int] = field(default_factory=list)  # [T]
+    slot_mapping: list[int] = field(default_factory=list)  # [T] cache slot of each token's K and V
+    token_slots: list[int] = field(default_factory=list)  # [T] LoRA slot of each token (null slot: none)
+    slot_ranks: dict[int, int] = field(default_factory=dict)  # rank of each adapter slot in the step
+    spans: list[SeqSpan] = field(default_factory=list)  # one per sequence, in token order
+    logit_tokens: list[int] = field(default_factory=list)  # [R] tokens whose logits are wanted
+    rows: LogitRows | None = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -98,47 +112,47 @@ class ModelRunner:
         self.lora_context = lora_context
         self.device = device
         self.sliding_window, self.sliding = _sliding_layers(model.config)
+        self.graphs = None  # decode_graphs.DecodeGraphs, set by the engine with --cuda-graphs
 
-    def build_inputs(self, batch: list[ScheduledSeq], null_slot: int, lora_strategy: str | None = None):
-        """Flatten a step into tensors and metadata, ordering sequences by LoRA slot."""
+    def step_lists(self, batch: list[ScheduledSeq], null_slot: int) -> StepLists:
+        """Flatten a step into host lists, ordering sequences by LoRA slot (each adapter's tokens contiguous)."""
         order = sorted(range(len(batch)), key=lambda i: null_slot if batch[i].request.slot is None else batch[i].request.slot)
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        token_slots: list[int] = []
-        spans: list[SeqSpan] = []
-        slot_ranks: dict[int, int] = {}
+        lists = StepLists()
         sample_rows: dict[int, int] = {}
         prompt_rows: dict[int, tuple[int, int]] = {}
-        logit_tokens: list[int] = []
         for i in order:
             seq = batch[i]
             request = seq.request
-            offset = len(token_ids)
+            offset = len(lists.token_ids)
             end = seq.start + seq.length
-            token_ids.extend(request.all_ids[seq.start : end])
-            positions.extend(range(seq.start, end))
-            slot_mapping.extend(self.kv_cache.slot(request.block_table, p) for p in range(seq.start, end))
+            lists.token_ids.extend(request.all_ids[seq.start : end])
+            lists.positions.extend(range(seq.start, end))
+            lists.slot_mapping.extend(self.kv_cache.slot(request.block_table, p) for p in range(seq.start, end))
             slot = null_slot if request.slot is None else request.slot
-            token_slots.extend([slot] * seq.length)
+            lists.token_slots.extend([slot] * seq.length)
             if request.slot is not None:
-                slot_ranks[slot] = request.adapter.rank
-            spans.append(SeqSpan(offset, seq.start, seq.length, request.block_table))
+                lists.slot_ranks[slot] = request.adapter.rank
+            lists.spans.append(SeqSpan(offset, seq.start, seq.length, request.block_table))
             if request.prompt_logprobs is not None:
                 # logits at position p score prompt token p + 1; skip those already scored
                 first = max(seq.start, len(request.prompt_logprobs))
                 prompt_end = min(end, len(request.prompt_ids) - 1)
                 if prompt_end > first:
-                    prompt_rows[i] = (len(logit_tokens), prompt_end - first)
-                    logit_tokens.extend(range(offset + first - seq.start, offset + prompt_end - seq.start))
+                    prompt_rows[i] = (len(lists.logit_tokens), prompt_end - first)
+                    lists.logit_tokens.extend(range(offset + first - seq.start, offset + prompt_end - seq.start))
             if seq.samples:
-                sample_rows[i] = len(logit_tokens)
-                logit_tokens.append(offset + seq.length - 1)
-        attention = self.ops.attention.prepare(spans, slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device)
+                sample_rows[i] = len(lists.logit_tokens)
+                lists.logit_tokens.append(offset + seq.length - 1)
+        lists.rows = LogitRows(sample_rows, prompt_rows)
+        return lists
+
+    def build_inputs(self, lists: StepLists, null_slot: int, lora_strategy: str | None = None):
+        """The step's input tensors, attention and LoRA metadata (each built once, sent in one copy each)."""
+        attention = self.ops.attention.prepare(lists.spans, lists.slot_mapping, self.kv_cache.block_size, self.sliding_window, self.device)
         strategy = lora_strategy or self.lora_strategy
-        lora = self.ops.lora.prepare(token_slots, slot_ranks, self.max_lora_rank, null_slot + 1, self.device, strategy)
-        tensors = to_device((token_ids, positions, logit_tokens), torch.long, self.device)
-        return tensors, attention, lora, LogitRows(sample_rows, prompt_rows)
+        lora = self.ops.lora.prepare(lists.token_slots, lists.slot_ranks, self.max_lora_rank, null_slot + 1, self.device, strategy)
+        tensors = to_device((lists.token_ids, lists.positions, lists.logit_tokens), torch.long, self.device)
+        return tensors, attention, lora
 
     @torch.inference_mode()
     def run(
@@ -146,18 +160,26 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, LogitRows]:
         """Forward one step (`lora_strategy`, one of the LoRA op's `variants`, overrides the runner's).
 
+        A decode step that a captured graph covers is replayed from it (decode_graphs.py).
+
         Returns:
             [R, V] float32 logits for the rows named by the returned `LogitRows`.
         """
-        (token_ids, positions, logit_tokens), attention, lora, rows = self.build_inputs(batch, null_slot, lora_strategy)
+        lists = self.step_lists(batch, null_slot)
+        if self.graphs is not None and lora_strategy is None and self.graphs.covers(lists):
+            return self.graphs.replay(lists), lists.rows
+        (token_ids, positions, logit_tokens), attention, lora = self.build_inputs(lists, null_slot, lora_strategy)
+        return self.logits(token_ids, positions, logit_tokens, attention, lora), lists.rows
+
+    def logits(self, token_ids, positions, logit_tokens, attention, lora) -> torch.Tensor:
+        """[R, V] float32 logits at `logit_tokens` of the step's [T] tokens (what a graph captures)."""
         self.lora_context.batch = lora
         try:
             hidden = self._forward(token_ids, positions, attention)  # [T, hidden]
         finally:
             self.lora_context.batch = None
         hidden = self.decoder.norm(hidden.index_select(0, logit_tokens))  # [R, hidden]
-        logits = self.model.lm_head(hidden).float()  # [R, V]
-        return logits, rows
+        return self.model.lm_head(hidden).float()  # [R, V]
 
     def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
         hidden = self.decoder.embed_tokens(token_ids)  # [T, hidden]
