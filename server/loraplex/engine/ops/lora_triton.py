@@ -119,22 +119,26 @@ def pick_variant(batch: LoraKernelBatch) -> str:
 
 
 @triton.jit
-def _sgmv_shrink_kernel(
-    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr,
-    in_features, stride_x, stride_a_slot, stride_a_rank, stride_out_member, stride_out_token,
-    NUM_MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):  # fmt: skip
+def _segment_tile(seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, BLOCK_M: tl.constexpr):
+    """This SGMV program's rows: (rows [BLOCK_M] token indices, their mask, the slot, its rank: 0 when nothing to do)."""
     segment = tl.program_id(0)
     first = tl.load(seg_starts_ptr + segment) + tl.program_id(1) * BLOCK_M
     end = tl.load(seg_starts_ptr + segment + 1)
     slot = tl.load(seg_slots_ptr + segment)
     rank = tl.load(slot_ranks_ptr + slot)
+    rows = first + tl.arange(0, BLOCK_M)
+    return rows, rows < end, slot, tl.where(first < end, rank, 0)
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr,
+    in_features, stride_x, stride_a_slot, stride_a_rank, stride_out_member, stride_out_token,
+    NUM_MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    rows, row_mask, slot, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, BLOCK_M)
     if rank == 0:
         return
-    if first >= end:
-        return
-    rows = first + tl.arange(0, BLOCK_M)  # [BLOCK_M] token indices
-    row_mask = rows < end
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < rank
     columns = tl.arange(0, BLOCK_K)
@@ -209,17 +213,9 @@ def _sgmv_expand_kernel(
     out0, out1, out2, stack_rank, stride_s_member, stride_s_token, stride_y,
     NUM_MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    segment = tl.program_id(0)
-    first = tl.load(seg_starts_ptr + segment) + tl.program_id(1) * BLOCK_M
-    end = tl.load(seg_starts_ptr + segment + 1)
-    slot = tl.load(seg_slots_ptr + segment)
-    rank = tl.load(slot_ranks_ptr + slot)
+    rows, row_mask, slot, rank = _segment_tile(seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, BLOCK_M)
     if rank == 0:
         return
-    if first >= end:
-        return
-    rows = first + tl.arange(0, BLOCK_M)  # [BLOCK_M] token indices
-    row_mask = rows < end
     first_column = tl.program_id(2) * BLOCK_N
     columns = first_column + tl.arange(0, BLOCK_N)  # [BLOCK_N] within each member's slice
     s_rows = shrunk_ptr + rows.to(tl.int64)[:, None] * stride_s_token  # [BLOCK_M, 1]
