@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-import loraplex.engine.lora_layer as lora_layer
+import loraplex.engine.ops.backend as ops_backend
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import MAX_FAILED_STEPS, Engine
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent
@@ -120,14 +120,14 @@ def test_a_poisoned_adapter_fails_its_own_request_and_no_other(engine, poisoned,
 def test_a_forward_pass_that_raises_for_one_request_fails_that_request_alone(engine, monkeypatch):
     expected = alone(engine, MIXED)
     victim = engine.adapters["r8-attn"]
-    original = lora_layer.add_lora_delta
+    original = ops_backend.add_lora_delta
 
     def breaks_on_the_victims_slot(y, x, lora_a, lora_b, batch):
         if engine.slots.is_resident(victim) and engine.slots.slot_of(victim) in {s for s, *_ in batch.segments}:
             raise RuntimeError("kernel fault")
         return original(y, x, lora_a, lora_b, batch)
 
-    monkeypatch.setattr(lora_layer, "add_lora_delta", breaks_on_the_victims_slot)
+    monkeypatch.setattr(ops_backend, "add_lora_delta", breaks_on_the_victims_slot)
     outcomes = run(engine, MIXED)
 
     assert outcomes[2].finish is FinishReason.ERROR and "RuntimeError: kernel fault" in outcomes[2].error

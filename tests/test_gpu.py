@@ -5,9 +5,10 @@ Skipped without CUDA (`python -m pytest -m gpu` runs only these and the other gp
 is there: they pick the device themselves.
   * float32: greedy tokens identical to PEFT's, logits within 1e-3 (GPU GEMMs sum in another
     order than PEFT's batch-of-one calls; TF32 stays off), for both kernel backends;
-  * bfloat16: each request's first-token logits within 0.1 of PEFT's on the same device and dtype
-    (bf16 keeps 8 bits of mantissa: logits of magnitude ~5 move by ~0.02 per rounding), and the
-    first greedy token equal for at least 9 of 10 requests (a near-tie may break either way);
+  * bfloat16 and float16: each request's first-token logits within 0.1 of PEFT's on the same
+    device and dtype (bf16 keeps 8 bits of mantissa: logits of magnitude ~5 move by ~0.02 per
+    rounding), and the first greedy token equal for at least 9 of 10 requests (a near-tie may
+    break either way);
   * nf4 and int8 bases (bitsandbytes on CUDA, float32 compute): tokens identical, logits within 1e-3;
   * CUDA graph replay of decode steps (`--cuda-graphs`): the eager step's tokens, logits within 1e-5.
 """
@@ -36,16 +37,17 @@ def test_float32_mixed_batch_equals_peft_on_cuda(llama, kernel_backend):
     assert_matches(PeftOracle(llama, device="cuda"), REQUESTS, PROMPTS, completions, tol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("kernel_backend", ["reference", "triton"])
-def test_bfloat16_first_token_logits_within_tolerance_of_peft(llama, kernel_backend):
-    engine = make_engine(llama, device="cuda", dtype="bfloat16", kernel_backend=kernel_backend)
+def test_half_precision_first_token_logits_within_tolerance_of_peft(llama, kernel_backend, dtype):
+    engine = make_engine(llama, device="cuda", dtype=dtype, kernel_backend=kernel_backend)
     completions = engine.generate(PROMPTS, ADAPTERS, logits_params())
-    oracle = PeftOracle(llama, device="cuda", dtype=torch.bfloat16)
+    oracle = PeftOracle(llama, device="cuda", dtype=getattr(torch, dtype))
     same_first = 0
     for adapter, prompt, completion in zip(ADAPTERS, PROMPTS, completions, strict=True):
         tokens, logits = oracle.generate(prompt, adapter, 1)
         diff = (logits_of(completion)[0] - logits[0]).abs().max().item()
-        assert diff <= 0.1, f"adapter {adapter}: first-token logits differ from PEFT bf16 by {diff}"
+        assert diff <= 0.1, f"adapter {adapter}: first-token logits differ from PEFT {dtype} by {diff}"
         same_first += completion.output_ids[0] == tokens[0]
     assert same_first >= 9
 

@@ -81,5 +81,5 @@ def test_engine_allocates_what_the_budget_holds_and_says_so(llama):
     layout = block_bytes(2, 8, 2, 16, torch.float32)  # tiny.py's llama: 2 layers, 2 KV heads of 16
     engine = Engine(EngineConfig(model=str(llama.model_dir), block_size=8, max_model_len=64, kv_cache_bytes=20 * layout))
     assert engine.kv_cache.allocator.num_blocks == 20
-    assert engine.kv_cache.keys[0].shape == (20 * 8, 2, 16)
+    assert engine.kv_cache.keys[0].shape == (21 * 8, 2, 16)  # and one scratch block, for padding rows of captured steps
     assert engine.kv_summary.startswith("20 blocks of 8 tokens")

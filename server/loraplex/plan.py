@@ -184,7 +184,8 @@ class MemoryPlan:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.kv_cache_tokens * self.kv_bytes_per_token
+        """The blocks, plus the one scratch block the engine keeps for padding rows of captured steps."""
+        return (self.num_kv_blocks + 1) * self.block_size * self.kv_bytes_per_token
 
     @property
     def device_bytes(self) -> int:

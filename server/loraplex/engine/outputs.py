@@ -22,6 +22,7 @@ from loraplex.engine.request import FinishReason, Request, TokenEvent
 from loraplex.engine.runner import LogitRows, ModelRunner
 from loraplex.engine.sampling import sample, token_logprobs
 from loraplex.engine.scheduler import ScheduledSeq
+from loraplex.engine.step_inputs import to_device
 from loraplex.engine.stream import Sink
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class OutputProcessor:
         sampled = sorted(rows.sample_rows.items())
         requests = [batch[index].request for index, _ in sampled]
         tokens = torch.empty(0, dtype=torch.long, device=logits.device)
-        picked_rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=logits.device)
+        (picked_rows,) = to_device([[row for _, row in sampled]], torch.long, logits.device)
         if sampled:
             tokens = self._sample(logits.index_select(0, picked_rows), requests)
         # A row with a NaN or Inf has a non-finite sum; one sum per row is 20x cheaper than a
@@ -164,7 +165,7 @@ class OutputProcessor:
 
     def _score_prompt(self, request: Request, scores: torch.Tensor) -> None:
         first = len(request.prompt_logprobs)
-        targets = torch.tensor(request.prompt_ids[first + 1 : first + 1 + scores.shape[0]], device=scores.device)
+        (targets,) = to_device([request.prompt_ids[first + 1 : first + 1 + scores.shape[0]]], torch.long, scores.device)
         chosen, top = token_logprobs(scores, targets, request.params.prompt_logprobs)
         request.prompt_logprobs.extend(zip(chosen, top))
 

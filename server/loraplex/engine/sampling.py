@@ -8,6 +8,7 @@ state; the engine passes each row's params and generator.
 import torch
 
 from loraplex.engine.request import SamplingParams, TopLogprobs
+from loraplex.engine.step_inputs import to_device
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -46,14 +47,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not random_rows:
         return tokens
-    index = torch.tensor(random_rows, device=logits.device)
-    rows = logits.index_select(0, index)  # [M, V]
-    temperature = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
-    rows = rows / temperature[:, None]
     vocab = logits.shape[-1]
+    index, top_k = to_device((random_rows, [min(params[i].top_k, vocab) for i in random_rows]), torch.long, logits.device)
+    temperature, top_p = to_device(
+        ([params[i].temperature for i in random_rows], [params[i].top_p for i in random_rows]), logits.dtype, logits.device
+    )
+    rows = logits.index_select(0, index)  # [M, V]
+    rows = rows / temperature[:, None]
     if any(0 < params[i].top_k < vocab or params[i].top_p < 1 for i in random_rows):
-        top_k = torch.tensor([min(params[i].top_k, vocab) for i in random_rows], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in random_rows], device=logits.device, dtype=rows.dtype)
         rows = apply_top_k_top_p(rows, top_k, top_p)
     probs = rows.softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one generator per request.
