@@ -30,7 +30,7 @@ from loraplex.engine.base_model import BaseModel
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import Request, SamplingParams
 from loraplex.engine.scheduler import ScheduledSeq
-from loraplex.registry.adapter import build_adapter
+from loraplex.lora.adapter import build_adapter
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from loraplex.errors import (
     LoraplexError,
     RequestInvalid,
 )
-from loraplex.registry.adapter_files import (
+from loraplex.lora.files import (
     CHAT_TEMPLATE_FILE,
     CONFIG_FILE,
     MAX_CONFIG_BYTES,

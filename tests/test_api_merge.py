@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from live_server import LiveServer, cli_env, server_config, upload
 from loraplex.export import module_shapes, tensor_shapes, weight_files
+from loraplex.lora.adapter import read_adapter_dir
 from loraplex.merging import merge_adapters
-from loraplex.registry.adapter import read_adapter_dir
 
 PROMPT = [17, 42, 99, 5, 130, 64]
 MAX_TOKENS = 8

@@ -23,8 +23,8 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.lora_layer import TARGET_NAMES
 from loraplex.engine.request import SamplingParams
 from loraplex.errors import AdapterInvalid, RequestInvalid
+from loraplex.lora.adapter import ModuleShape, build_adapter, read_adapter_dir
 from loraplex.merging import MERGE_METHODS, merge_adapters, model_order
-from loraplex.registry.adapter import ModuleShape, build_adapter, read_adapter_dir
 from tiny import ARCHITECTURES, VOCAB_SIZE, make_adapter, make_model
 
 # Ranks 8 and 4 (and 4-with-patterns); overlapping and disjoint targets; three scaling rules; four inits.

@@ -28,7 +28,7 @@ from live_server import LiveServer, server_config, upload
 from loraplex.api.adapters import FORM_FIELDS
 from loraplex.api.app import create_app
 from loraplex.api.auth import ApiKeys
-from loraplex.registry.store import NAME_PATTERN
+from loraplex.service.store import NAME_PATTERN
 from schemathesis_run import ServerRules, run_schemathesis
 from tiny import make_adapter, make_model, make_tokenizer
 

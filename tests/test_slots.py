@@ -7,8 +7,8 @@ from loraplex.engine.lora_layer import LoraContext, LoraLinear
 from loraplex.engine.ops import lora as lora_ops
 from loraplex.engine.ops.lora import add_lora_delta, build_lora_batch, find_segments
 from loraplex.engine.slot_writer import make_image
-from loraplex.registry.adapter import LoraAdapter, LoraWeights
-from loraplex.registry.slots import SlotCache
+from loraplex.engine.slots import SlotCache
+from loraplex.lora.adapter import LoraAdapter, LoraWeights
 
 
 def adapter(name: str) -> LoraAdapter:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from loraplex.errors import AdapterExists, AdapterNotFound, RequestInvalid
-from loraplex.registry.store import AdapterStore, check_name
+from loraplex.service.store import AdapterStore, check_name
 
 CONFIG = b'{"r": 4, "lora_alpha": 8}'
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      fake-tensors"

@@ -22,7 +22,7 @@ from loraplex.engine.wire import (
     snapshot_from_wire,
     snapshot_to_wire,
 )
-from loraplex.registry.adapter import LoraAdapter, LoraWeights
+from loraplex.lora.adapter import LoraAdapter, LoraWeights
 
 
 @pytest.fixture

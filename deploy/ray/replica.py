@@ -20,9 +20,9 @@ from loraplex.api.app import create_app
 from loraplex.api.errors import error_body, status_of
 from loraplex.config import ServerConfig
 from loraplex.errors import AdapterNotFound, LoraplexError
-from loraplex.registry.catalog import AdapterCatalog
-from loraplex.registry.store import check_name
 from loraplex.server import build_services
+from loraplex.service.catalog import AdapterCatalog
+from loraplex.service.store import check_name
 from loraplex.tenancy import DEFAULT_TENANT, Principal
 from ray import serve
 

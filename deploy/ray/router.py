@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from deploy.ray.bridge import HttpCall
 from loraplex.api.errors import error_body
 from loraplex.errors import LoraplexError
-from loraplex.registry.store import check_name
+from loraplex.service.store import check_name
 from ray.serve.handle import DeploymentHandle
 
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"

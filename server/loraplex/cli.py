@@ -121,9 +121,9 @@ def merge(
     from loraplex.demo import DEMO_MODEL_DIR
     from loraplex.errors import LoraplexError
     from loraplex.export import module_shapes, tensor_shapes, weight_files
+    from loraplex.lora.adapter import read_adapter_dir
     from loraplex.merging import merge_adapters
-    from loraplex.registry.adapter import read_adapter_dir
-    from loraplex.registry.store import AdapterStore
+    from loraplex.service.store import AdapterStore
 
     names = [name.strip() for name in adapters_to_merge.split(",") if name.strip()]
     try:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from loraplex.engine.lora_layer import TARGET_NAMES
 from loraplex.errors import ModelLoadError
-from loraplex.registry.adapter import LoraAdapter, ModuleShape, build_adapter, read_adapter_dir
+from loraplex.lora.adapter import LoraAdapter, ModuleShape, build_adapter, read_adapter_dir
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SKIPPED_FILES = {WEIGHTS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors"}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from loraplex.engine.lora_layer import TARGET_NAMES
 from loraplex.errors import AdapterInvalid, RequestInvalid
-from loraplex.registry.adapter import _PEFT_PREFIX, LoraAdapter, LoraWeights, ModuleShape, build_adapter
+from loraplex.lora.adapter import _PEFT_PREFIX, LoraAdapter, LoraWeights, ModuleShape, build_adapter
 
 MERGE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")

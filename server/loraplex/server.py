@@ -27,8 +27,8 @@ from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterNotFound
 from loraplex.export import export_merged
 from loraplex.metrics import Metrics
-from loraplex.registry.catalog import AdapterCatalog
-from loraplex.registry.store import AdapterStore, check_name
+from loraplex.service.catalog import AdapterCatalog
+from loraplex.service.store import AdapterStore, check_name
 
 log = logging.getLogger(__name__)
 

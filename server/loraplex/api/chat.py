@@ -22,7 +22,7 @@ from loraplex.api.schemas import ChatCompletionRequest
 from loraplex.api.services import Services, services
 from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
 from loraplex.errors import RequestInvalid
-from loraplex.registry.catalog import AdapterRecord
+from loraplex.service.catalog import AdapterRecord
 from loraplex.tenancy import Principal
 
 router = APIRouter(route_class=StrictJsonRoute)

@@ -15,7 +15,7 @@ from starlette.requests import Request as HttpRequest
 from loraplex.api.services import Services
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import EngineFailed, EngineUnavailable, LoraplexError, RequestInvalid, ServerDraining
-from loraplex.registry.adapter import LoraAdapter
+from loraplex.lora.adapter import LoraAdapter
 
 # What a generating route's 429 and 503 mean, for its OpenAPI document.
 QUEUE_FULL = "The queue is full (--max-queue); retry later."

@@ -11,7 +11,7 @@ from loraplex.api.auth import caller
 from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.response_models import ModelList
 from loraplex.api.services import Services, services
-from loraplex.registry.catalog import AdapterRecord
+from loraplex.service.catalog import AdapterRecord
 from loraplex.tenancy import Principal
 
 router = APIRouter(route_class=StrictJsonRoute)

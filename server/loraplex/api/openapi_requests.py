@@ -14,7 +14,7 @@ server enforces with a 400.
 from loraplex.api.schemas import MAX_N, MAX_PROMPTS
 from loraplex.api.served_facts import ServedFacts
 from loraplex.merging import DENSITY_METHODS
-from loraplex.registry.store import NAME_PATTERN
+from loraplex.service.store import NAME_PATTERN
 
 
 def _integer(prop: dict) -> dict:

@@ -17,7 +17,7 @@ from loraplex.config import ServerConfig
 from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
 from loraplex.metrics import Metrics
-from loraplex.registry.catalog import AdapterCatalog
+from loraplex.service.catalog import AdapterCatalog
 
 
 @dataclass(eq=False)

@@ -43,7 +43,7 @@ from loraplex.engine.wire import (
 )
 from loraplex.errors import AdapterNotFound, EngineUnavailable, QueueFull
 from loraplex.interpreter import module_command, module_environment
-from loraplex.registry.adapter import LoraAdapter, ModuleShape
+from loraplex.lora.adapter import LoraAdapter, ModuleShape
 
 log = logging.getLogger(__name__)
 

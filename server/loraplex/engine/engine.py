@@ -41,12 +41,12 @@ from loraplex.engine.request import (
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
 from loraplex.engine.slot_writer import SlotWriter
+from loraplex.engine.slots import SlotCache
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.warmup import check_model_runs
 from loraplex.errors import AdapterNotFound, EngineUnavailable, ModelLoadError, QueueFull
-from loraplex.registry.adapter import LoraAdapter
-from loraplex.registry.slots import SlotCache
+from loraplex.lora.adapter import LoraAdapter
 
 log = logging.getLogger(__name__)
 

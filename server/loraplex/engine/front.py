@@ -18,7 +18,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.request import SamplingParams, TokenEvent
 from loraplex.engine.stream import LoopBridge, LoopBridges, RequestStream
 from loraplex.errors import AdapterInvalid
-from loraplex.registry.adapter import LoraAdapter, ModuleShape, build_adapter, load_adapter
+from loraplex.lora.adapter import LoraAdapter, ModuleShape, build_adapter, load_adapter
 
 
 class EngineFront:

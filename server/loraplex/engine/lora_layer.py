@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from loraplex.engine.ops.backend import ReferenceLora, TritonLora
-from loraplex.registry.adapter import ModuleShape
-from loraplex.registry.adapter_config import TARGET_NAMES
+from loraplex.lora.adapter import ModuleShape
+from loraplex.lora.config import TARGET_NAMES
 
 
 @dataclass

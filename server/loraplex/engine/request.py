@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraplex.errors import RequestInvalid
-from loraplex.registry.adapter import LoraAdapter
+from loraplex.lora.adapter import LoraAdapter
 
 GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
 

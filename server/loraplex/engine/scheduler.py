@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.request import Request, RequestStatus
-from loraplex.registry.slots import SlotCache
+from loraplex.engine.slots import SlotCache
 
 
 @dataclass

@@ -6,7 +6,7 @@ registered), and `SlotWriter`, which copies images into slots. On CUDA the copie
 asynchronous, on a side stream, and the step waits for them on the device, not on the host
 (`ready_for_step`); on CPU the scaling is applied straight into the stacks and no image is kept,
 so host memory holds each adapter once. It decides nothing about which adapter goes where
-(registry/slots.py does) and never changes the base.
+(slots.py does) and never changes the base.
 """
 
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.engine.lora_layer import LoraLinear
-from loraplex.registry.adapter import LoraAdapter
+from loraplex.lora.adapter import LoraAdapter
 
 
 @dataclass

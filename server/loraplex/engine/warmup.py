@@ -18,7 +18,7 @@ from loraplex.engine.request import Request, SamplingParams
 from loraplex.engine.sampling import sample, token_logprobs
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.errors import ModelLoadError
-from loraplex.registry.adapter import LoraAdapter
+from loraplex.lora.adapter import LoraAdapter
 
 PROMPT_TOKENS = 16  # enough for the segment strategy's heuristic, small enough to be quick
 

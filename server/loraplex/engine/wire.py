@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent
 from loraplex.engine.stats import EngineSnapshot
-from loraplex.registry.adapter import LoraAdapter, LoraWeights
+from loraplex.lora.adapter import LoraAdapter, LoraWeights
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = (1 << 32) - 1  # what the header can say; frames are the two processes' own

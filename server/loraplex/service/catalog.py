@@ -21,10 +21,10 @@ from safetensors.torch import save as save_safetensors
 from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterExists, AdapterNotFound, AdapterTooLarge, Forbidden, RequestInvalid
+from loraplex.lora.adapter import LoraAdapter, parse_config, parse_weights, read_adapter_dir
+from loraplex.lora.files import read_adapter_files
 from loraplex.merging import merge_adapters
-from loraplex.registry.adapter import LoraAdapter, parse_config, parse_weights, read_adapter_dir
-from loraplex.registry.adapter_files import read_adapter_files
-from loraplex.registry.store import AdapterStore, check_name
+from loraplex.service.store import AdapterStore, check_name
 from loraplex.tenancy import Principal
 
 log = logging.getLogger(__name__)

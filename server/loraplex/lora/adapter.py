@@ -1,10 +1,10 @@
 """A LoRA adapter read from PEFT files and validated against the base model.
 
-Owns: parsing `adapter_config.json` + `adapter_model.safetensors` as adapter_files.py reads them
+Owns: parsing `adapter_config.json` + `adapter_model.safetensors` as files.py reads them
 (safetensors only: never `torch.load`, never pickle), pairing the tensors with the base's modules
 (each module at most once, only modules the config selects, as PEFT loads them), the effective
 weights' checks, and every validation error, each naming its problem; what the config itself may
-say is adapter_config.py's. It knows nothing of device slots (slots.py) or of the on-disk store.
+say is config.py's. It knows nothing of device slots (engine/slots.py) or of the on-disk store (service/store.py).
 """
 
 import json
@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from loraplex.errors import AdapterInvalid, AdapterMalformed
-from loraplex.registry.adapter_config import ModuleMatcher, check_depth, parse_settings
-from loraplex.registry.adapter_files import CONFIG_FILE, WEIGHTS_FILE, read_adapter_files
+from loraplex.lora.config import ModuleMatcher, check_depth, parse_settings
+from loraplex.lora.files import CONFIG_FILE, WEIGHTS_FILE, read_adapter_files
 
 _PEFT_PREFIX = "base_model.model."
 # "<module>.lora_A.weight", or "<module>.lora_A.<adapter name>.weight" as some tools save it.

@@ -36,8 +36,8 @@ from loraplex.errors import (
     AdapterNotFound,
     RequestInvalid,
 )
-from loraplex.registry.adapter import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.registry.adapter_files import CHAT_TEMPLATE_FILE, read_chat_template, read_small_file
+from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.lora.files import CHAT_TEMPLATE_FILE, read_chat_template, read_small_file
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loraplex.registry.adapter import LoraAdapter
+from loraplex.lora.adapter import LoraAdapter
 
 
 @dataclass

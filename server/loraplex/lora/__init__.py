@@ -1,0 +1,1 @@
+"""The PEFT LoRA adapter format: files, config, tensors and their validation; a leaf every layer may import."""

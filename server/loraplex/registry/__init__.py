@@ -1,1 +1,0 @@
-"""Adapters: reading and validating PEFT files, and the LRU device slots they are served from."""
