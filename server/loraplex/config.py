@@ -148,6 +148,10 @@ class ServerConfig(BaseModel):
     chat_template_timeout: float = Field(
         default=2.0, gt=0, le=60, description="Seconds one chat template may take to render before a 400."
     )
+    store_poll_interval: float = Field(
+        default=2.0, ge=0, le=3600,
+        description="Seconds between looks at the store for adapters other replicas changed (0: never).",
+    )  # fmt: skip
     engine_process: bool = Field(
         default=True,
         description="Run the engine in a process of its own, apart from the HTTP side's GIL (off: on a server thread).",

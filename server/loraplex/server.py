@@ -29,6 +29,7 @@ from loraplex.export import export_merged
 from loraplex.metrics import Metrics
 from loraplex.service.catalog import AdapterCatalog
 from loraplex.service.store import AdapterStore, check_name
+from loraplex.service.store_sync import StoreSync
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,12 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
         engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots,
         metrics.adapter_registered, lambda template: chat_templates.check(template, special_tokens),
     )  # fmt: skip
-    problems = catalog.load_store() if load_store and engine.config.enable_lora else []
+    serves_store = load_store and engine.config.enable_lora
+    problems = catalog.load_store() if serves_store else []
+    # Replicas sharing the store see each other's uploads and deletes (Ray's replicas load on demand instead).
+    sync = StoreSync(catalog, config.store_poll_interval) if serves_store and config.store_poll_interval > 0 else None
     prompts = PromptEncoder(engine.base.tokenizer, engine.max_model_len)
-    return Services(config, engine, catalog, keys, metrics, chat_templates, prompts), problems
+    return Services(config, engine, catalog, keys, metrics, chat_templates, prompts, store_sync=sync), problems
 
 
 def make_engine(config: ServerConfig, engine: EngineConfig) -> Engine | EngineClient:

@@ -34,9 +34,13 @@ def create_app(svc: Services) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         svc.engine.start()
+        if svc.store_sync is not None:
+            svc.store_sync.start()
         try:
             yield
         finally:
+            if svc.store_sync is not None:
+                svc.store_sync.stop()
             svc.engine.stop()
             svc.chat_templates.close()
 

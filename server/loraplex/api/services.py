@@ -18,6 +18,7 @@ from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
 from loraplex.metrics import Metrics
 from loraplex.service.catalog import AdapterCatalog
+from loraplex.service.store_sync import StoreSync
 
 
 @dataclass(eq=False)
@@ -29,6 +30,7 @@ class Services:
     metrics: Metrics
     chat_templates: ChatTemplateRenderer
     prompts: PromptEncoder
+    store_sync: StoreSync | None = None  # polls a store other replicas share; started with the app
     draining: bool = False
     in_flight: int = 0  # generation requests being answered now
     started: float = field(default_factory=time.time)

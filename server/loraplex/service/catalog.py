@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
@@ -24,7 +24,7 @@ from loraplex.errors import AdapterExists, AdapterNotFound, AdapterTooLarge, For
 from loraplex.lora.adapter import LoraAdapter, parse_config, parse_weights, read_adapter_dir
 from loraplex.lora.files import read_adapter_files
 from loraplex.merging import merge_adapters
-from loraplex.service.store import AdapterStore, check_name
+from loraplex.service.store import AdapterStore, StoredAdapter, check_name
 from loraplex.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class AdapterRecord:
     source: str
     path: Path
     chat_template: str | None
+    version: str = ""  # the store's version of it (`StoredAdapter.version`); empty for path adapters
 
     @property
     def name(self) -> str:
@@ -74,6 +75,16 @@ class AdapterRecord:
             "source": self.source,
             "has_chat_template": self.chat_template is not None,
         }
+
+
+@dataclass
+class StoreChanges:
+    """What one `sync_store` took up from the shared store, by adapter name."""
+
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (name, why it cannot be served)
 
 
 class AdapterCatalog:
@@ -110,6 +121,7 @@ class AdapterCatalog:
         self._records: dict[str, AdapterRecord] = {}
         self._lock = threading.Lock()
         self._on_registered = on_registered or (lambda source, seconds: None)
+        self._unservable: dict[str, str] = {}  # name -> a store version `sync_store` could not serve
 
     def load_store(self) -> list[tuple[str, str]]:
         """Serve every adapter in the store; returns (name, problem) for those that cannot be served."""
@@ -121,17 +133,60 @@ class AdapterCatalog:
                 continue
             started = time.perf_counter()
             try:
-                config, tensors = read_adapter_dir(stored.path, self._max_bytes)
-                adapter = self._engine.validate_adapter(stored.name, config, tensors)
+                record = self._read_stored(stored)
             except Exception as exc:  # one bad directory must not keep the server from starting
                 problems.append((stored.name, str(exc)))
                 continue
-            self._engine.register_adapter(adapter)
-            self._records[stored.name] = AdapterRecord(
-                adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template
-            )
+            self._engine.register_adapter(record.adapter)
+            self._records[stored.name] = record
             self._on_registered("store", time.perf_counter() - started)
         return problems
+
+    def _read_stored(self, stored: StoredAdapter) -> AdapterRecord:
+        """Read and validate a stored adapter into a record (nothing registered yet)."""
+        config, tensors = read_adapter_dir(stored.path, self._max_bytes)
+        adapter = self._engine.validate_adapter(stored.name, config, tensors)
+        return AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template, stored.version)
+
+    def sync_store(self) -> StoreChanges:
+        """Take up what other replicas changed in a shared store: new adapters, new versions, deletions.
+
+        Reading and validating happen outside the lock; a version is registered only if the store
+        still holds it then, so an upload through this replica is never overwritten by an older
+        read. A version that cannot be served is reported once and skipped until it changes;
+        adapters loaded from a path are never touched.
+        """
+        changes = StoreChanges()
+        stored = {adapter.name: adapter for adapter in self._store.list()}
+        for name, adapter in stored.items():
+            record = self._records.get(name)
+            if name in self._reserved or name in ROUTE_NAMES or (record is not None and record.source != "store"):
+                continue
+            if (record is not None and record.version == adapter.version) or self._unservable.get(name) == adapter.version:
+                continue
+            started = time.perf_counter()
+            try:
+                fresh = self._read_stored(adapter)
+            except Exception as exc:  # another replica's bad write must not stop this one's sync
+                self._unservable[name] = adapter.version
+                changes.problems.append((name, str(exc)))
+                continue
+            with self._lock:
+                current = self._store.get(name)
+                held = self._records.get(name)
+                if current is None or current.version != adapter.version or (held is not None and held.version == adapter.version):
+                    continue
+                self._engine.register_adapter(fresh.adapter)
+                self._records[name] = fresh
+            (changes.replaced if record is not None else changes.added).append(name)
+            self._on_registered("store", time.perf_counter() - started)
+        with self._lock:
+            for name, record in list(self._records.items()):
+                if record.source == "store" and name not in stored and self._store.get(name) is None:
+                    self._engine.remove_adapter(name)
+                    del self._records[name]
+                    changes.removed.append(name)
+        return changes
 
     def _check_free(self, name: str, param: str) -> None:
         if name in self._reserved:
@@ -201,7 +256,7 @@ class AdapterCatalog:
                     raise AdapterExists(f"adapter {name!r} was loaded from a path; unload it first")
             owner = None if shared else (previous.owner if previous is not None else principal.tenant)
             stored = self._store.save(name, config, weights, owner, chat_template, overwrite=previous is not None)
-            record = AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template)
+            record = AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template, stored.version)
             self._engine.register_adapter(adapter)
             self._records[name] = record
         self._on_registered("upload", time.perf_counter() - started)

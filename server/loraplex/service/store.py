@@ -78,6 +78,7 @@ class StoredAdapter:
     owner: str | None
     created: float
     chat_template: str | None
+    version: str = ""  # changes whenever the directory's contents may have: see `_version`
 
 
 class AdapterStore:
@@ -200,7 +201,9 @@ class AdapterStore:
             raise
         if replaced is not None:
             self._discard_replaced(replaced)
-        return StoredAdapter(name=name, path=target, owner=owner, created=created, chat_template=chat_template)
+        return StoredAdapter(
+            name=name, path=target, owner=owner, created=created, chat_template=chat_template, version=_version(target)
+        )
 
     def delete(self, name: str) -> None:
         """Remove the adapter `name` from the store.
@@ -272,7 +275,23 @@ class AdapterStore:
         except (OSError, AdapterMalformed) as exc:
             log.warning("skipping adapter directory %s: %s", path, exc)
             return None
-        return StoredAdapter(name=name, path=path, owner=owner, created=created, chat_template=chat_template)
+        return StoredAdapter(name=name, path=path, owner=owner, created=created, chat_template=chat_template, version=_version(path))
+
+
+def _version(path: Path) -> str:
+    """What tells one version of `<root>/<name>` from the next, as another replica sees it.
+
+    Every save renames a fresh directory into place (a new inode); an operator editing files in
+    place changes their modification times or sizes. Both enter the version.
+    """
+    parts = [str(path.stat().st_ino)]
+    for file in (CONFIG_FILE, WEIGHTS_FILE, CHAT_TEMPLATE_FILE, METADATA_FILE):
+        try:
+            stat = (path / file).stat()
+        except FileNotFoundError:
+            continue
+        parts.append(f"{file}:{stat.st_mtime_ns}:{stat.st_size}")
+    return "|".join(parts)
 
 
 def _read_metadata(path: Path) -> tuple[str | None, float]:
