@@ -183,6 +183,12 @@ def test_an_uploaded_adapter_is_listed_and_shown(http, llama):
     assert http.get("/v1/adapters/listed").json() == record
 
 
+def test_an_adapter_shows_its_tier_host_until_a_request_puts_it_in_a_device_slot(http, client, llama):
+    assert upload(http, "tiered", llama.adapter_dirs["r4-qv"]).json()["tier"] == "host"
+    served(client, "tiered")
+    assert http.get("/v1/adapters/tiered").json()["tier"] == "device"  # it stays in its slot until evicted
+
+
 def test_an_uploaded_adapter_is_a_model_whose_parent_is_the_base(http, llama):
     upload(http, "as-model", llama.adapter_dirs["r4-qv"])
     models = {entry["id"]: entry for entry in http.get("/v1/models").json()["data"]}

@@ -226,7 +226,8 @@ def test_another_tenants_adapter_is_missing_exactly_like_a_nonexistent_one(serve
 def test_a_tenant_cannot_take_a_name_another_tenant_holds(server, acme, globex, a_adapter, llama, overwrite):
     before = greedy(server, ACME, "a-adapter")
     assert_openai_error(upload(globex, "a-adapter", llama.adapter_dirs["r8-attn"], overwrite=overwrite), 409)
-    assert acme.get("/v1/adapters/a-adapter").json() == a_adapter
+    shown = acme.get("/v1/adapters/a-adapter").json()
+    assert {**shown, "tier": None} == {**a_adapter, "tier": None}  # the tier moves as requests come and go
     assert greedy(server, ACME, "a-adapter") == before
 
 

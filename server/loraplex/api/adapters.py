@@ -34,6 +34,11 @@ _TEXT = {"content": {"text/plain": {"schema": {"type": "string", "pattern": "^Su
 FORM_FIELDS = {"name", "config", "weights", "chat_template", "overwrite", "shared"}
 
 
+def describe(svc: Services, record) -> dict:
+    """A catalog record as the API shows it, with where that version is now: a device slot, or host memory."""
+    return record.describe(in_slot=record.adapter.uid in svc.engine.snapshot.slot_uids)
+
+
 def _flag(form, name: str) -> bool:
     value = form.get(name)
     if value is None:
@@ -101,7 +106,7 @@ async def upload_adapter(request: Request, svc: Services = Depends(services), pr
     record, replaced = await run_in_threadpool(
         svc.catalog.upload, name, config, weights, principal, template, overwrite, shared
     )
-    return JSONResponse(record.describe(), status_code=200 if replaced else 201)
+    return JSONResponse(describe(svc, record), status_code=200 if replaced else 201)
 
 
 @router.post(
@@ -128,7 +133,7 @@ async def merge_adapters(body: MergeRequest, svc: Services = Depends(services), 
         svc.catalog.merge, body.name, body.adapters, body.weights, body.method, principal,
         body.density, body.rank, body.seed, body.overwrite,
     )  # fmt: skip
-    return JSONResponse(record.describe(), status_code=200 if replaced else 201)
+    return JSONResponse(describe(svc, record), status_code=200 if replaced else 201)
 
 
 @router.get(
@@ -137,7 +142,7 @@ async def merge_adapters(body: MergeRequest, svc: Services = Depends(services), 
     responses={200: {"model": AdapterList, "description": "The adapters the caller may use."}},
 )
 def list_adapters(svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
-    return {"object": "list", "data": [record.describe() for record in svc.catalog.visible_to(principal)]}
+    return {"object": "list", "data": [describe(svc, record) for record in svc.catalog.visible_to(principal)]}
 
 
 @router.get(
@@ -146,7 +151,7 @@ def list_adapters(svc: Services = Depends(services), principal: Principal = Depe
     responses={200: {"model": AdapterRecord, "description": "The adapter."}, **errors({404: _NOT_FOUND})},
 )
 def get_adapter(name: str, svc: Services = Depends(services), principal: Principal = Depends(caller)) -> dict:
-    return svc.catalog.get(name, principal).describe()
+    return describe(svc, svc.catalog.get(name, principal))
 
 
 @router.delete(

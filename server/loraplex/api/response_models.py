@@ -189,6 +189,9 @@ class AdapterRecord(_Sent):
     created: int
     source: Literal["store", "path"] = Field(description="store: kept across restarts; path: loaded for this run only.")
     has_chat_template: bool
+    tier: Literal["device", "host"] = Field(
+        description="Where the adapter is now: device, in a slot (a request on it starts at once); host, to be copied into one."
+    )
 
 
 class AdapterList(_Sent):

@@ -330,6 +330,7 @@ class Engine(EngineFront):
             adapter_evictions=stats.evictions,
             adapter_lookups=stats.lookups,
             adapter_hits=stats.hits,
+            slot_uids=self.slots.resident_uids(),
         )
 
     def _finish(self, request: Request, reason: FinishReason) -> None:

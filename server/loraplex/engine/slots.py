@@ -117,6 +117,10 @@ class SlotCache:
         entry = self._resident.get(adapter.uid)
         return 0 if entry is None else entry.refcount
 
+    def resident_uids(self) -> tuple[str, ...]:
+        """The versions (uids) in slots now, sorted."""
+        return tuple(sorted(self._resident))
+
     @property
     def used(self) -> int:
         return len(self._resident)

@@ -62,6 +62,7 @@ class EngineSnapshot:
         slots_used: device slots holding an adapter.
         slots_total: device slots (`max_loras`).
         adapter_loads / adapter_evictions / adapter_lookups / adapter_hits: slot counters since start.
+        slot_uids: the adapter versions (`LoraAdapter.uid`) in device slots now, sorted.
     """
 
     time: float = 0.0
@@ -76,3 +77,4 @@ class EngineSnapshot:
     adapter_evictions: int = 0
     adapter_lookups: int = 0
     adapter_hits: int = 0
+    slot_uids: tuple[str, ...] = ()

@@ -140,7 +140,10 @@ def snapshot_to_wire(snapshot: EngineSnapshot) -> list:
 def snapshot_from_wire(fields: list) -> EngineSnapshot:
     snapshot = EngineSnapshot(*fields)
     return dataclasses.replace(
-        snapshot, running_adapters=tuple(snapshot.running_adapters), waiting_adapters=tuple(snapshot.waiting_adapters)
+        snapshot,
+        running_adapters=tuple(snapshot.running_adapters),
+        waiting_adapters=tuple(snapshot.waiting_adapters),
+        slot_uids=tuple(snapshot.slot_uids),
     )
 
 

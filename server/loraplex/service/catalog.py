@@ -59,7 +59,8 @@ class AdapterRecord:
     def managed_by(self, principal: Principal) -> bool:
         return principal.is_admin or (self.owner is not None and self.owner == principal.tenant)
 
-    def describe(self) -> dict:
+    def describe(self, in_slot: bool) -> dict:
+        """The API's view of the adapter; `in_slot`: whether the engine holds it in a device slot now."""
         adapter = self.adapter
         return {
             "name": adapter.name,
@@ -74,6 +75,7 @@ class AdapterRecord:
             "created": int(self.created),
             "source": self.source,
             "has_chat_template": self.chat_template is not None,
+            "tier": "device" if in_slot else "host",
         }
 
 
