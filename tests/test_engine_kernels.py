@@ -2,9 +2,9 @@
 
 Here the kernels run under Triton's interpreter on CPU tensors (conftest.py turns it on without
 CUDA), so every step of these engines goes through the paged-attention kernel and the SGMV/BGMV
-LoRA kernels, and the tokens must be identical to PEFT's in float32, logits within 1e-4: mixed
-batches on every architecture, chunked prefill, preemption, a sliding window, and a live server
-answering the openai SDK. On a GPU the same checks run compiled in tests/test_gpu.py.
+LoRA kernels, and the tokens must be identical to PEFT's in float32, logits within 1e-4: a mixed
+batch (eagerly, and with decode steps replayed from graph buffers), chunked prefill with
+preemption, a sliding window, and a live server answering the openai SDK. On a GPU the same checks run compiled in tests/test_gpu.py.
 """
 
 import shutil
@@ -15,7 +15,16 @@ import torch
 
 from conftest import PeftOracle, build_setup
 from live_server import LiveServer, server_config
-from test_engine_matches_peft import MAX_NEW, REQUESTS, assert_matches, assert_mixed_batch_matches, logits_params, make_engine, prompt_of
+from test_decode_graphs import with_graphs
+from test_engine_matches_peft import (
+    MAX_NEW,
+    REQUESTS,
+    assert_matches,
+    logits_of,
+    logits_params,
+    make_engine,
+    prompt_of,
+)
 
 pytest.importorskip("triton")
 pytestmark = [
@@ -24,9 +33,36 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms, head_dim 16 apart from hidden / heads
-def test_mixed_batch_on_triton_kernels_equals_peft(tiny_setups, arch):
-    assert_mixed_batch_matches(tiny_setups[arch], kernel_backend="triton")
+# Interpreted kernels are slow: the first six requests, which hold every adapter spec and the base.
+MIXED = REQUESTS[:6]
+PROMPTS = [prompt_of(length, seed) for seed, (_, length) in enumerate(MIXED)]
+ADAPTERS = [adapter for adapter, _ in MIXED]
+
+
+@pytest.fixture(scope="module")
+def eager_on_kernels(llama):
+    """The mixed batch on the kernels, stepped eagerly (interpreted kernels are slow: computed once, read twice)."""
+    return make_engine(llama, kernel_backend="triton").generate(PROMPTS, ADAPTERS, logits_params())
+
+
+def test_mixed_batch_on_triton_kernels_equals_peft(llama, eager_on_kernels):
+    assert_matches(PeftOracle(llama), MIXED, PROMPTS, eager_on_kernels)
+
+
+def test_decode_steps_replayed_from_graph_buffers_equal_the_eager_steps_and_peft(llama, eager_on_kernels):
+    """Six sequences replay from the 8-row bucket (two padding rows), every adapter and the base mixed.
+
+    Off CUDA the graphs are `EagerReplay` stand-ins over the same static buffers as a CUDA graph
+    (padding rows, scratch KV slot, full-rank LoRA routing, fixed-width block tables).
+    """
+    engine = make_engine(llama, kernel_backend="triton")
+    graphs = with_graphs(engine, [2, 4, 8])
+    replayed = engine.generate(PROMPTS, ADAPTERS, logits_params())
+    assert graphs.replays >= MAX_NEW - 1  # every decode step after the prefill
+    assert_matches(PeftOracle(llama), MIXED, PROMPTS, replayed)
+    for ours, theirs in zip(replayed, eager_on_kernels, strict=True):
+        assert ours.output_ids == theirs.output_ids
+        assert (logits_of(ours) - logits_of(theirs)).abs().max().item() <= 1e-5
 
 
 def test_chunked_prefill_and_preemption_on_triton_kernels_equal_peft(llama):
@@ -42,7 +78,8 @@ def test_chunked_prefill_and_preemption_on_triton_kernels_equal_peft(llama):
 def test_sliding_window_on_triton_kernels_equals_peft(tmp_path):
     """A Mistral whose 8-token window is shorter than most prompts: the kernel must drop the keys behind it."""
     setup = build_setup(tmp_path, "mistral", seed=7, sliding_window=8)
-    assert_mixed_batch_matches(setup, kernel_backend="triton")
+    completions = make_engine(setup, kernel_backend="triton").generate(PROMPTS, ADAPTERS, logits_params())
+    assert_matches(PeftOracle(setup), MIXED, PROMPTS, completions)
 
 
 def test_server_on_triton_kernels_answers_the_openai_sdk_with_peft_tokens(llama, tmp_path, tokenizer):
