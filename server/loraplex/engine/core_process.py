@@ -19,6 +19,7 @@ Frames out: ["ready", facts], ["step", events, observations, snapshot, places gi
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -209,4 +210,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Nothing is left to write but the logs; the model's and torch's teardown takes seconds that the
+    # server's drain, which waits for this process, has no room for (the server skips it too).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

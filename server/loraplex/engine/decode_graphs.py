@@ -137,6 +137,7 @@ class DecodeGraphs:
         for slot, rank in lists.slot_ranks.items():
             ranks[slot] = rank
         ints = [*seq_lens, *tables, *lists.token_slots, *[self.null_slot] * padding, *ranks]
+        # Reusing the staging buffers is safe: the previous step's sampled ids were read back, so its copies are done.
         bucket.host_longs.copy_(torch.tensor(longs, dtype=torch.long))
         bucket.host_ints.copy_(torch.tensor(ints, dtype=torch.int32))
         bucket.longs.copy_(bucket.host_longs, non_blocking=True)
