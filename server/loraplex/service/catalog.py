@@ -159,24 +159,26 @@ class AdapterCatalog:
         adapters loaded from a path are never touched.
         """
         changes = StoreChanges()
-        stored = {adapter.name: adapter for adapter in self._store.list()}
-        for name, adapter in stored.items():
+        versions = self._store.versions()  # stats only: a poll reads no file unless a version changed
+        for name, version in versions.items():
             record = self._records.get(name)
             if name in self._reserved or name in ROUTE_NAMES or (record is not None and record.source != "store"):
                 continue
-            if (record is not None and record.version == adapter.version) or self._unservable.get(name) == adapter.version:
+            if (record is not None and record.version == version) or self._unservable.get(name) == version:
+                continue
+            stored = self._store.get(name)
+            if stored is None:  # deleted since the listing
                 continue
             started = time.perf_counter()
             try:
-                fresh = self._read_stored(adapter)
+                fresh = self._read_stored(stored)
             except Exception as exc:  # another replica's bad write must not stop this one's sync
-                self._unservable[name] = adapter.version
+                self._unservable[name] = stored.version
                 changes.problems.append((name, str(exc)))
                 continue
             with self._lock:
-                current = self._store.get(name)
                 held = self._records.get(name)
-                if current is None or current.version != adapter.version or (held is not None and held.version == adapter.version):
+                if self._store.version(name) != stored.version or (held is not None and held.version == stored.version):
                     continue
                 self._engine.register_adapter(fresh.adapter)
                 self._records[name] = fresh
@@ -184,7 +186,7 @@ class AdapterCatalog:
             self._on_registered("store", time.perf_counter() - started)
         with self._lock:
             for name, record in list(self._records.items()):
-                if record.source == "store" and name not in stored and self._store.get(name) is None:
+                if record.source == "store" and name not in versions and self._store.version(name) is None:
                     self._engine.remove_adapter(name)
                     del self._records[name]
                     changes.removed.append(name)

@@ -130,17 +130,36 @@ class AdapterStore:
         name or an unreadable `loraplex.json` is skipped with a warning; other entries are ignored.
         """
         with self._lock:
-            adapters = []
-            for entry in sorted(self.root.iterdir()):
-                if entry.name.startswith(".") or not (entry / CONFIG_FILE).is_file():
-                    continue
-                if not NAME_PATTERN.fullmatch(entry.name):
-                    log.warning("skipping %s: %r is not a valid adapter name", entry, entry.name)
-                    continue
-                adapter = self._read(entry.name)
-                if adapter is not None:
-                    adapters.append(adapter)
-            return adapters
+            adapters = [self._read(entry.name) for entry in self._adapter_dirs()]
+            return [adapter for adapter in adapters if adapter is not None]
+
+    def versions(self) -> dict[str, str]:
+        """Each complete adapter's version (`StoredAdapter.version`) by name, from directory stats alone.
+
+        What a replica polls: no file is read, so a poll costs a few stats per adapter.
+        """
+        with self._lock:
+            return {entry.name: _version(entry) for entry in self._adapter_dirs()}
+
+    def version(self, name: str) -> str | None:
+        """The version of the adapter `name`, or None when the store has none."""
+        if not NAME_PATTERN.fullmatch(name):
+            return None
+        with self._lock:
+            path = self.root / name
+            return _version(path) if (path / CONFIG_FILE).is_file() else None
+
+    def _adapter_dirs(self) -> tuple[Path, ...]:
+        """The adapter directories (hidden entries, and names that are not adapter names, left out with a warning)."""
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not (entry / CONFIG_FILE).is_file():
+                continue
+            if not NAME_PATTERN.fullmatch(entry.name):
+                log.warning("skipping %s: %r is not a valid adapter name", entry, entry.name)
+                continue
+            found.append(entry)
+        return tuple(found)
 
     def get(self, name: str) -> StoredAdapter | None:
         """The stored adapter `name`, or None when there is none (or `name` is not a valid name).

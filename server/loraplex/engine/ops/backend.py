@@ -15,7 +15,6 @@ is chosen. Nothing here decides what the step computes: both backends give the s
 
 import functools
 import importlib.util
-import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,8 +93,10 @@ class TritonAttention:
             starts.append(starts[-1] + span.length)
         seq_lens = [span.start + span.length for span in spans]
         num_blocks = max(-(-length // block_size) for length in seq_lens)
-        tables = [span.block_table[:num_blocks] + [0] * (num_blocks - len(span.block_table[:num_blocks])) for span in spans]
-        flat_tables = list(itertools.chain.from_iterable(tables))
+        flat_tables = []  # [B * num_blocks]; entries past a sequence's last block are never read
+        for span in spans:
+            used = span.block_table[:num_blocks]
+            flat_tables += used + [0] * (num_blocks - len(used))
         slots, query_starts, lengths, block_tables = to_device((slot_mapping, starts, seq_lens, flat_tables), torch.int32, device)
         return TritonAttentionBatch(
             slot_mapping=slots.long(),  # index_copy_ takes int64 indices
