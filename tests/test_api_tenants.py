@@ -3,7 +3,8 @@
 Two tenants ("acme", "globex") and one admin call one real server (tests/live_server.py). A
 tenant sees its own adapters and the shared ones; another tenant's adapter is reported missing
 exactly as a name nobody uploaded is; admins see and manage everything. Management goes through
-httpx, generation through the official `openai` SDK.
+httpx, generation through the official `openai` SDK. Tenant weights in the keys file are checked
+on `ApiKeys.load` alone, without a server.
 """
 
 import json
@@ -15,6 +16,7 @@ import pytest
 
 from live_server import LiveServer, server_config, upload
 from loraplex.api.app import create_app
+from loraplex.api.auth import ApiKeys
 
 BASE = "tiny-base"
 PROMPT = [17, 42, 99, 5, 130, 64]
@@ -177,6 +179,59 @@ def test_a_401_never_echoes_the_key_sent(server, authorization, method, path, re
 def test_health_and_metrics_need_no_key(server, path):
     with caller(server, None) as client:
         assert client.get(path).status_code == 200
+
+
+# ----- tenant weights in the keys file ----------------------------------------------------------
+
+
+def keys_entry(key: str, tenant: str, weight: str | None = None) -> str:
+    """One [[keys]] table; `weight` is written as TOML source, e.g. `2.5` or `"2"`."""
+    line = "" if weight is None else f"weight = {weight}\n"
+    return f'[[keys]]\nkey = "{key}"\ntenant = "{tenant}"\nrole = "tenant"\n{line}'
+
+
+def load_keys(tmp_path, *entries: str) -> ApiKeys:
+    path = tmp_path / "keys.toml"
+    path.write_text("\n".join(entries))
+    return ApiKeys.load(path)
+
+
+def test_a_keys_entry_gives_its_tenant_a_weight(tmp_path):
+    keys = load_keys(tmp_path, keys_entry(ACME, "acme", "2.5"), keys_entry(GLOBEX, "globex", "3"))
+    assert keys.tenant_weights() == {"acme": 2.5, "globex": 3.0}
+    assert keys.authenticate(f"Bearer {ACME}").weight == 2.5
+
+
+@pytest.mark.parametrize("weight, expected", [("0.001", 0.001), ("1000", 1000.0), ("7", 7.0)])
+def test_a_weight_may_be_any_number_above_0_up_to_1000(tmp_path, weight, expected):
+    assert load_keys(tmp_path, keys_entry(ACME, "acme", weight)).tenant_weights() == {"acme": expected}
+
+
+def test_a_tenant_without_a_weight_weighs_one(tmp_path):
+    keys = load_keys(tmp_path, KEYS_FILE)
+    assert keys.tenant_weights() == {"acme": 1.0, "globex": 1.0, "operators": 1.0}
+    assert keys.authenticate(f"Bearer {GLOBEX}").weight == 1.0
+
+
+def test_an_open_server_has_no_tenant_weights():
+    assert ApiKeys.open().tenant_weights() == {}
+
+
+@pytest.mark.parametrize("weight", ["0", "-1", "0.0", "1000.5", "inf", "nan", '"2"', "true", "[1]"])
+def test_a_weight_that_is_not_a_number_in_0_to_1000_is_refused_naming_the_entry(tmp_path, weight):
+    with pytest.raises(ValueError, match=r"\[\[keys\]\] entry 2: weight must be a number > 0 and <= 1000"):
+        load_keys(tmp_path, keys_entry(ACME, "acme"), keys_entry(GLOBEX, "globex", weight))
+
+
+@pytest.mark.parametrize("first, second", [("2", "3"), (None, "2"), ("2", None)], ids=["different", "default-then-2", "2-then-default"])
+def test_two_keys_giving_one_tenant_different_weights_are_refused_naming_the_tenant(tmp_path, first, second):
+    with pytest.raises(ValueError, match="entry 2 gives tenant 'acme' weight"):
+        load_keys(tmp_path, keys_entry(ACME, "acme", first), keys_entry(GLOBEX, "acme", second))
+
+
+def test_keys_of_one_tenant_may_repeat_its_weight(tmp_path):
+    keys = load_keys(tmp_path, keys_entry(ACME, "acme", "4"), keys_entry(GLOBEX, "acme", "4.0"))
+    assert keys.tenant_weights() == {"acme": 4.0}
 
 
 # ----- another tenant's adapter --------------------------------------------------------------

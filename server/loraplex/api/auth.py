@@ -1,7 +1,8 @@
 """API keys: who is calling, and may they do this.
 
 Owns: reading the keys file (TOML), turning an `Authorization: Bearer <key>` header into a
-`Principal` (a tenant and a role), and the open single-tenant mode used when no file is given.
+`Principal` (a tenant, a role and the tenant's weight), and the open single-tenant mode used when
+no file is given.
 Keys are compared as SHA-256 digests with `hmac.compare_digest` against every entry, so timing
 says nothing about which key (or how much of one) matched. Keys are never logged or echoed.
 
@@ -11,6 +12,11 @@ The keys file:
     key = "sk-acme-1"            # or key_sha256 = "<hex digest>", to keep keys out of the file
     tenant = "acme"
     role = "tenant"              # or "admin", or "metrics" (may only read /metrics)
+    weight = 2.0                 # optional, 1 by default; 0 < weight <= 1000
+
+A tenant's weight is its share of a busy server against the other tenants under fair scheduling
+(acme above is served twice the tokens of a weight-1 tenant while both wait); every key of one
+tenant gives the same weight (a key without one gives 1).
 
 The `RequestGate` (gate.py) authenticates every `/v1` request from its headers before the body is
 read, and leaves the principal in the request state, where `caller` finds it.
@@ -25,7 +31,7 @@ from pathlib import Path
 from fastapi import Request
 
 from loraplex.errors import Unauthorized
-from loraplex.tenancy import DEFAULT_TENANT, Principal
+from loraplex.tenancy import DEFAULT_TENANT, DEFAULT_WEIGHT, MAX_WEIGHT, Principal
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,14 @@ class _KeyEntry:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+def _weight(raw: dict, where: str) -> float:
+    """An entry's `weight`: a number in (0, MAX_WEIGHT], DEFAULT_WEIGHT when absent."""
+    weight = raw.get("weight", DEFAULT_WEIGHT)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not (0 < weight <= MAX_WEIGHT):
+        raise ValueError(f"{where}: weight must be a number > 0 and <= {MAX_WEIGHT:g}, got {weight!r}")
+    return float(weight)
 
 
 class ApiKeys:
@@ -60,11 +74,12 @@ class ApiKeys:
         if not isinstance(raw_entries, list) or not raw_entries:
             raise ValueError(f"{path}: expected one or more [[keys]] tables")
         entries, seen = [], set()
+        weights: dict[str, tuple[float, int]] = {}  # tenant -> (weight, entry number) of its first entry
         for number, raw in enumerate(raw_entries, start=1):
             where = f"{path}: [[keys]] entry {number}"
             if not isinstance(raw, dict):
                 raise ValueError(f"{where} must be a table")
-            unknown = set(raw) - {"key", "key_sha256", "tenant", "role"}
+            unknown = set(raw) - {"key", "key_sha256", "tenant", "role", "weight"}
             if unknown:
                 raise ValueError(f"{where} has unknown fields: {', '.join(sorted(unknown))}")
             if ("key" in raw) == ("key_sha256" in raw):
@@ -85,11 +100,22 @@ class ApiKeys:
                 raise ValueError(f"{where}: tenant must be a non-empty string")
             if role not in ("admin", "tenant", "metrics"):
                 raise ValueError(f"{where}: role must be 'admin', 'tenant' or 'metrics', got {role!r}")
+            weight = _weight(raw, where)
+            first_weight, first_number = weights.setdefault(tenant, (weight, number))
+            if first_weight != weight:
+                raise ValueError(
+                    f"{where} gives tenant {tenant!r} weight {weight:g}, entry {first_number} gave it {first_weight:g} "
+                    f"(a missing weight is {DEFAULT_WEIGHT:g}); every key of a tenant must give the same weight"
+                )
             if digest in seen:
                 raise ValueError(f"{where} repeats a key already listed")
             seen.add(digest)
-            entries.append(_KeyEntry(digest, Principal(tenant, role)))
+            entries.append(_KeyEntry(digest, Principal(tenant, role, weight)))
         return cls(entries)
+
+    def tenant_weights(self) -> dict[str, float]:
+        """Each tenant of the keys file and its weight; empty for an open server."""
+        return {entry.principal.tenant: entry.principal.weight for entry in self._entries}
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller named by an `Authorization` header value.
