@@ -11,6 +11,8 @@ Nothing is downloaded; it must not time or run anything.
 """
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +161,35 @@ def make_random_adapters(
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
         lora_config.save_pretrained(path)
+        paths[path.name] = path
+    return paths
+
+
+def make_linked_adapters(
+    config: PretrainedConfig,
+    root: Path,
+    count: int,
+    rank: int,
+    distinct: int = 4,
+    prefix: str = "lora-",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Path]:
+    """`count` adapter directories of which only the first `distinct` are written (`make_random_adapters`).
+
+    Every other directory holds hard links (os.link) to the files of written adapter
+    `index % distinct`: a real PEFT directory to any reader, so 10,000 take seconds and the disk
+    of `distinct`. Adapters sharing files have equal weights, which no server can tell apart
+    without comparing them.
+
+    Returns:
+        Each adapter's directory by name (`lora-0`, `lora-1`, ...).
+    """
+    paths = make_random_adapters(config, root, min(distinct, count), rank, prefix=prefix, seed=seed, dtype=dtype)
+    written = list(paths.values())
+    for index in range(len(written), count):
+        path = root / f"{prefix}{index}"
+        shutil.copytree(written[index % len(written)], path, copy_function=os.link)
         paths[path.name] = path
     return paths
 

@@ -26,9 +26,15 @@ def check_served(url: str, wanted: int) -> None:
         raise RuntimeError(f"the server does not serve {len(missing)} of the adapters, e.g. {missing[:3]}; see its log")
 
 
-def warm_up(config: SuiteConfig, url: str) -> None:
-    """First calls pay for allocator growth and lazy initialisation; keep them out of the figures."""
-    workload = replace(config.trace(8, 0.0, 2 * config.concurrency, seed=WARM_UP_SEED), output_len=(4, 8))
+def warm_up(config: SuiteConfig, url: str, num_adapters: int = 8) -> None:
+    """First calls pay for allocator growth and lazy initialisation; keep them out of the figures.
+
+    Args:
+        config: the suite's settings.
+        url: the server.
+        num_adapters: adapters `lora-0` ... the warm-up spreads over; 0 warms the base only, leaving every adapter unused.
+    """
+    workload = replace(config.trace(num_adapters, 0.0, 2 * config.concurrency, seed=WARM_UP_SEED), output_len=(4, 8))
     execute(LoadRun("warm-up", workload, ClientConfig(url), config.concurrency, config.max_seconds, quiet=True))
 
 

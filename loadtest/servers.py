@@ -3,9 +3,9 @@ in vllm_server.py).
 
 Owns: `ServerProcess` (start `python -m ...` in a session of its own, wait until `/health` answers
 200, keep its log, stop it with SIGTERM then SIGKILL, and kill whatever it left running in its
-session, such as vLLM's engine process), the command lines of `loraplex serve` and of the
-baselines, a free port on 127.0.0.1, and reading histograms from a server's `/metrics`. It must
-not drive load.
+session, such as vLLM's engine process), the two ways a start can fail (`ServerExited`,
+`ServerTimeout`), the command lines of `loraplex serve` and of the baselines, a free port on
+127.0.0.1, and reading histograms and counters from a server's `/metrics`. It must not drive load.
 """
 
 import os
@@ -21,6 +21,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 HOST = "127.0.0.1"
+
+
+class ServerExited(RuntimeError):
+    """The server exited before `/health` answered 200; the message ends with its log's tail."""
+
+
+class ServerTimeout(RuntimeError):
+    """`/health` did not answer 200 within the server's start-up bound; the server was stopped."""
 
 
 def free_port() -> int:
@@ -70,12 +78,23 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int:
+        """The server's process id, which is also its session's."""
+        return self._process.pid
+
     def wait_ready(self) -> None:
+        """Return once `/health` answers 200.
+
+        Raises:
+            ServerExited: the server exited first.
+            ServerTimeout: not healthy within `startup_seconds`.
+        """
         deadline = time.monotonic() + self._startup_seconds
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"{self.name} exited with {self._process.returncode}:\n{self.log.read_text()[-4000:]}")
+                raise ServerExited(f"{self.name} exited with {self._process.returncode}:\n{self.log.read_text()[-4000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -83,7 +102,7 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise RuntimeError(f"{self.name} did not become healthy in {self._startup_seconds} s:\n{self.log.read_text()[-4000:]}")
+        raise ServerTimeout(f"{self.name} did not become healthy in {self._startup_seconds} s:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
         """SIGTERM the server, SIGKILL it after 60 s, then SIGKILL what is left of its session."""
@@ -130,6 +149,16 @@ def scrape_histogram(url: str, name: str, **labels: str) -> list[tuple[float, fl
             bound = float(sample.labels["le"])
             buckets[bound] = buckets.get(bound, 0.0) + sample.value
     return sorted(buckets.items())
+
+
+def scrape_counter(url: str, name: str, **labels: str) -> float | None:
+    """Counter `name` (its `_total` sample, summed over other labels) at `url/metrics`; None when the server has none."""
+    total = None
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == f"{name}_total" and all(sample.labels.get(key) == wanted for key, wanted in labels.items()):
+                total = (total or 0.0) + sample.value
+    return total
 
 
 def histogram_delta(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> list[tuple[float, float]]:

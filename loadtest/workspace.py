@@ -1,10 +1,11 @@
 """The files one suite run serves: a random base checkpoint and the adapter directories over it.
 
 Owns: `Workspace` (where the base, the adapter store, the compare phase's adapters and the
-cold-start adapters lie) and `build_workspace`, which writes them from a `SuiteConfig`. The
-compare directory holds the store's first `max(COMPARE_COUNTS)` adapters as hard links, real
-directories that every server loads alike (loraplex's store reads refuse symlinks). It must not
-start servers or measure anything.
+cold-start adapters lie), `build_workspace`, which writes them from a `SuiteConfig`, and
+`save_base`, its base checkpoint alone (the fleet benchmark's too). The compare directory holds
+the store's first `max(COMPARE_COUNTS)` adapters as hard links, real directories that every
+server loads alike (loraplex's store reads refuse symlinks). It must not start servers or
+measure anything.
 """
 
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from loadtest.checkpoints import make_random_adapters, model_config, save_random_model
 from loadtest.suite_config import COMPARE_COUNTS, SuiteConfig
@@ -37,12 +39,18 @@ class Workspace:
         return {f"lora-{index}": self.compare / f"lora-{index}" for index in range(max(COMPARE_COUNTS))}
 
 
+def save_base(config: SuiteConfig, path: Path) -> PretrainedConfig:
+    """Save the random base checkpoint of `config` (its model, dtype and seed) to `path`; returns its config."""
+    base = model_config(config.model_config, config.max_positions)
+    save_random_model(path, base, getattr(torch, config.dtype), config.seed)
+    return base
+
+
 def build_workspace(config: SuiteConfig, root: Path) -> Workspace:
     """Write the base checkpoint and every adapter directory of `config` under `root`."""
     space = Workspace(root)
-    base = model_config(config.model_config, config.max_positions)
+    base = save_base(config, space.model)
     dtype = getattr(torch, config.dtype)
-    save_random_model(space.model, base, dtype, config.seed)
     print(f"building {config.store_adapters} rank-{config.rank} adapters ...", flush=True)
     names = make_random_adapters(base, space.store, config.store_adapters, config.rank, seed=config.seed, dtype=dtype)
     for name in space.compare_adapters():
