@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterInvalid, AdapterNotFound
+from loraplex.lora.adapter import read_adapter_dir
 from tiny import make_adapter, make_model
 
 WEIGHTS = "adapter_model.safetensors"
@@ -44,8 +45,10 @@ def test_a_valid_adapter_loads_with_its_metadata(engine, good):
     adapter = engine.load_adapter("ok", good)
     assert adapter.rank == 8 and adapter.alpha == 16
     assert adapter.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    assert len(adapter.modules) == 2 * 4  # two layers, four projections
-    assert adapter.nbytes > 0
+    assert adapter.modules is None and adapter.source.path == str(good.resolve())  # read back on demand
+    validated = engine.validate_adapter("ok", *read_adapter_dir(good))
+    assert len(validated.modules) == 2 * 4  # two layers, four projections
+    assert adapter.nbytes == validated.nbytes > 0
 
 
 @pytest.mark.parametrize(

@@ -183,8 +183,8 @@ def test_an_uploaded_adapter_is_listed_and_shown(http, llama):
     assert http.get("/v1/adapters/listed").json() == record
 
 
-def test_an_adapter_shows_its_tier_host_until_a_request_puts_it_in_a_device_slot(http, client, llama):
-    assert upload(http, "tiered", llama.adapter_dirs["r4-qv"]).json()["tier"] == "host"
+def test_an_uploaded_adapter_is_on_disk_until_a_request_reads_it_into_a_device_slot(http, client, llama):
+    assert upload(http, "tiered", llama.adapter_dirs["r4-qv"]).json()["tier"] == "disk"  # stored, not read back yet
     served(client, "tiered")
     assert http.get("/v1/adapters/tiered").json()["tier"] == "device"  # it stays in its slot until evicted
 

@@ -25,7 +25,7 @@ from loraplex.engine.request import SamplingParams
 
 LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
 SERVE_FIELDS = [
-    *(name for name in EngineConfig.model_fields if name != "enable_lora"),
+    *(name for name in EngineConfig.model_fields if name not in ("enable_lora", "tenant_weights")),
     *(name for name in ServerConfig.model_fields if name != "engine"),
 ]
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -267,6 +267,11 @@ TOPICS = {
     "429 rate": ('status="rejected"', "rate(loraplex_requests_total"),
     "adapter load latency": ("histogram_quantile(", "loraplex_adapter_load_seconds_bucket"),
     "adapter registration latency": ("histogram_quantile(", "loraplex_adapter_register_seconds_bucket"),
+    "adapters per tier": ("by (tier)", "loraplex_adapter_tier_adapters"),
+    "bytes per tier": ("by (tier)", "loraplex_adapter_tier_bytes"),
+    "loads and evictions per tier": ("loraplex_adapter_tier_loads_total", "loraplex_adapter_tier_evictions_total"),
+    "hits and misses per tier": ("loraplex_adapter_tier_hits_total", "loraplex_adapter_tier_misses_total"),
+    "load latency per tier": ("histogram_quantile(", "by (le, tier)", "loraplex_adapter_tier_load_seconds_bucket"),
 }
 
 

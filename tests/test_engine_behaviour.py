@@ -21,6 +21,7 @@ def make_engine(setup, **overrides) -> Engine:
     engine = Engine(EngineConfig(**fields))
     for name, path in setup.adapter_dirs.items():
         engine.load_adapter(name, path)
+    engine.prefetch()  # some tests count steps: none may wait on a read from disk
     return engine
 
 

@@ -17,6 +17,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.engine import MAX_FAILED_STEPS, Engine
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent
 from loraplex.errors import EngineUnavailable
+from loraplex.lora.adapter import read_adapter_dir
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 LONG_PROMPT = list(range(3, 43))  # 40 tokens: a prefill with long adapter segments
@@ -72,6 +73,7 @@ def make_engine(llama, lora_strategy: str) -> Engine:
                                  max_lora_rank=16, max_model_len=128, lora_strategy=lora_strategy))  # fmt: skip
     for name in ("r4-qv", "r8-attn", "r16-mlp", "r8-all-rslora"):
         engine.load_adapter(name, llama.adapter_dirs[name])
+    engine.prefetch()  # the steps below are counted: no request may wait on a read from disk
     return engine
 
 
@@ -86,9 +88,10 @@ def poisoned(engine, llama):
     """An adapter registered past validation and then given non-finite weights (a bug that let it in)."""
 
     def poison(where: str, value: float):
-        adapter = engine.load_adapter("poisoned", llama.adapter_dirs["r8-all-rslora"])
+        adapter = engine.validate_adapter("poisoned", *read_adapter_dir(llama.adapter_dirs["r8-all-rslora"]))
         for weights in adapter.modules.values():
             getattr(weights, where)[0, 0] = value
+        engine.register_adapter(adapter)  # built in memory: served as it is, never read back
         return adapter
 
     yield poison

@@ -33,6 +33,7 @@ from hostile import (
     health_seconds,
     hostile_server,
 )
+from loraplex.lora.adapter import read_adapter_dir
 from loraplex.tenancy import Principal
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -214,9 +215,12 @@ def poisoned_adapter(server, llama) -> str:
     """acme's adapter with NaN weights, registered past validation (as a validation bug would let it in)."""
     catalog = server.live.services.catalog
     record = catalog.load_path("acme-poison", str(copy_into_root(server, llama, "r8-attn")), Principal("ops", "admin"))
-    for weights in record.adapter.modules.values():
+    engine = server.live.services.engine
+    poisoned = engine.validate_adapter("acme-poison", *read_adapter_dir(record.path))
+    for weights in poisoned.modules.values():
         weights.lora_b[0, 0] = float("nan")
-    catalog._records["acme-poison"] = dataclasses.replace(record, owner="acme")
+    engine.register_adapter(poisoned)  # built in memory: its tensors cross to the engine as they are
+    catalog._records["acme-poison"] = dataclasses.replace(record, adapter=poisoned, owner="acme")
     return "acme-poison"
 
 

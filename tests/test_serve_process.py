@@ -1,6 +1,9 @@
-"""`loraplex serve` as a real process: start-up report, SIGTERM drain, adapters across a restart."""
+"""`loraplex serve` as a real process: start-up report, SIGTERM drain, adapters across a restart and a kill -9."""
 
+import hashlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +13,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from live_server import upload
@@ -27,8 +31,8 @@ def free_port() -> int:
 class ServeProcess:
     """`python -m loraplex serve ...` with its stderr collected, stopped at the end of the test."""
 
-    def __init__(self, model_dir, store, port: int):
-        env = {**os.environ, "LORAPLEX_MAX_MODEL_LEN": "512", "LORAPLEX_DTYPE": "float32"}
+    def __init__(self, model_dir, store, port: int, **variables: str):
+        env = {**os.environ, "LORAPLEX_MAX_MODEL_LEN": "512", "LORAPLEX_DTYPE": "float32", **variables}
         args = ["serve", "--model", str(model_dir), "--adapters", str(store), "--port", str(port)]
         # A drain timeout no loaded machine reaches: the drained request must finish, not race it.
         args += ["--served-model-name", "tiny-base", "--device", "cpu", "--drain-timeout", "300"]
@@ -125,3 +129,58 @@ def test_uploaded_adapters_are_served_again_after_a_restart(llama, tmp_path):
             assert http.post("/v1/completions", json=request).json()["choices"][0]["text"] == text
     finally:
         second.stop()
+
+
+def digest(directory) -> str:
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    return hashlib.sha256(b"".join(path.name.encode() + path.read_bytes() for path in files)).hexdigest()
+
+
+def test_kill_9_during_adapter_loads_and_evictions_leaves_every_adapter_intact(llama, tmp_path):
+    store, port = tmp_path / "store", free_port()
+    specs = {f"k{index}-{spec}": spec for index in range(2) for spec in ("r4-qv", "r8-attn", "r16-mlp")}
+    for name, spec in specs.items():
+        shutil.copytree(llama.adapter_dirs[spec], store / name)
+    before = {name: digest(store / name) for name in specs}
+    request = {"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    # One slot and host room for less than one adapter: every switch is a read from disk and an eviction.
+    tight = {"LORAPLEX_MAX_LORAS": "1", "LORAPLEX_MAX_CPU_LORA_BYTES": "1000"}
+    first = ServeProcess(llama.model_dir, store, port, **tight)
+    try:
+        first.wait_ready()
+        with httpx.Client(base_url=first.url, timeout=60) as http:
+            texts = {name: http.post("/v1/completions", json={**request, "model": name}).json()["choices"][0]["text"] for name in specs}
+            evictions = re.search(r'^loraplex_adapter_tier_evictions_total\{tier="host"\} (\S+)$', http.get("/metrics").text, re.M)
+            assert float(evictions[1]) >= len(specs) - 1
+            children = psutil.Process(first.process.pid).children(recursive=True)
+            flood = [
+                threading.Thread(target=_quietly, args=(http, {**request, "model": name})) for name in list(specs) * 3
+            ]
+            for thread in flood:
+                thread.start()
+            time.sleep(0.5)  # reads and evictions under way
+            for process in [first.process, *children]:
+                os.kill(process.pid, signal.SIGKILL)
+            for thread in flood:
+                thread.join(timeout=60)
+        first.process.wait(timeout=30)
+        psutil.wait_procs(children, timeout=30)
+    finally:
+        first.stop()
+    assert {name: digest(store / name) for name in specs} == before
+    second = ServeProcess(llama.model_dir, store, port, **tight)
+    try:
+        second.wait_ready()
+        with httpx.Client(base_url=second.url, timeout=60) as http:
+            assert {entry["id"] for entry in http.get("/v1/models").json()["data"]} >= set(specs)
+            again = {name: http.post("/v1/completions", json={**request, "model": name}).json()["choices"][0]["text"] for name in specs}
+        assert again == texts
+    finally:
+        second.stop()
+
+
+def _quietly(http: httpx.Client, body: dict) -> None:
+    try:
+        http.post("/v1/completions", json=body)
+    except httpx.HTTPError:  # the server is killed under it
+        pass

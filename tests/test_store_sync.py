@@ -66,8 +66,8 @@ def test_a_delete_through_one_replica_reaches_the_other(replicas):
     a, b, _ = replicas
     assert "r4-qv" in models(b)
     assert a.delete("/v1/adapters/r4-qv").status_code == 200
-    assert wait_until(lambda: complete(b, "r4-qv").status_code == 404, PROPAGATION_SECONDS)
-    assert "r4-qv" not in models(b)
+    assert wait_until(lambda: "r4-qv" not in models(b), PROPAGATION_SECONDS)
+    assert complete(b, "r4-qv").status_code == 404
 
 
 def test_a_directory_that_cannot_be_served_is_skipped_and_stops_nothing(replicas, llama):

@@ -22,6 +22,7 @@ from ray.serve import Application
 NOT_RAY_SETTINGS = {
     "engine": "give its fields (model, max_loras, ...) as settings",
     "enable_lora": "adapters are what the replicas multiplex",
+    "tenant_weights": "they come from the api_keys file's weights",
     "merge_adapter": "adapters are what the replicas multiplex",
     "host": "Ray's proxy listens (serve start --http-host)",
     "port": "Ray's proxy listens (serve start --http-port)",

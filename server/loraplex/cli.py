@@ -164,7 +164,8 @@ def plan(
 
 # Every config field is a serve flag but enable_lora (internal: --merge-adapter turns it off) and
 # engine (built from the engine flags); --model has a default of its own, the bundled demo.
-SERVE_ENGINE_FIELDS = tuple(name for name in EngineConfig.model_fields if name not in ("model", "enable_lora"))
+NOT_FLAGS = ("model", "enable_lora", "tenant_weights")  # model has its own option; the others are set by code
+SERVE_ENGINE_FIELDS = tuple(name for name in EngineConfig.model_fields if name not in NOT_FLAGS)
 SERVE_SERVER_FIELDS = tuple(name for name in ServerConfig.model_fields if name != "engine")
 SERVE_OPTIONS = [
     field_option(

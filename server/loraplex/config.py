@@ -85,6 +85,29 @@ class EngineConfig(BaseModel):
         description="How a step's LoRA deltas are computed: auto picks the cheapest per layer; the others force one.",
     )
 
+    scheduling: Literal["fair", "fcfs"] = Field(
+        default="fair",
+        description="Admission order: fair serves the least-served tenant first (S-LoRA's virtual token counter); fcfs by arrival.",
+    )
+    tenant_weights: dict[str, float] = Field(
+        default={},
+        description="Each tenant's share of a busy server under fair scheduling (the keys file's weights; not a flag).",
+    )
+    max_cpu_lora_bytes: int = Field(
+        default=4 << 30, ge=0, le=1 << 44,
+        description="Host tier: bytes of adapters kept in host memory; the least recently used idle ones are evicted past it.",
+    )  # fmt: skip
+    max_cpu_loras: int | None = Field(
+        default=None, ge=0, le=1 << 24,
+        description="Host tier: adapters kept in host memory at most, beside the byte bound (default: no count bound).",
+    )  # fmt: skip
+    lora_loader_threads: int = Field(
+        default=2, ge=1, le=64, description="Threads reading adapters from disk into host memory, off the engine's step."
+    )
+    pin_adapters: tuple[str, ...] = Field(
+        default=(), description="Adapter names kept in host memory for good, read when registered (repeatable)."
+    )
+
     def model_len(self, max_position_embeddings: int | None) -> int:
         """Tokens per sequence: `max_model_len`, else the model's positions, at most 4096."""
         return self.max_model_len or min(max_position_embeddings or 4096, 4096)

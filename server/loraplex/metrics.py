@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from loraplex.engine.request import FinishReason
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
+from loraplex.metrics_tiers import TIERS, TierCollector
 from loraplex.metrics_vllm import VllmCompatCollector
 
 # Statuses of requests the HTTP layer refuses before they reach the engine.
@@ -110,9 +111,17 @@ class Metrics(EngineObserver):
         snapshot: returns the engine's latest `EngineSnapshot`; read once per scrape.
         compat: `vllm` also exports vLLM's names for the engine's state (see metrics_vllm.py).
         model_name: the served base model's name, for vLLM's `model_name` label.
+        registered: returns (adapters registered, their bytes), for the per-tier metrics
+            (metrics_tiers.py); None leaves those out.
     """
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], compat: str = "none", model_name: str = ""):
+    def __init__(
+        self,
+        snapshot: Callable[[], EngineSnapshot],
+        compat: str = "none",
+        model_name: str = "",
+        registered: Callable[[], tuple[int, int]] | None = None,
+    ):
         if compat not in ("none", "vllm"):
             raise ValueError(f"compat must be none or vllm, got {compat!r}")
         self.registry = CollectorRegistry()
@@ -181,7 +190,19 @@ class Metrics(EngineObserver):
         )
         for source in ADAPTER_SOURCES:
             self.adapter_register_seconds.labels(source=source)
+        self.tier_load_seconds = Histogram(
+            "loraplex_adapter_tier_load_seconds",
+            "Seconds to bring an adapter version into a tier: device, a copy into a slot; host, a read from disk "
+            "(from the request that asked for it to its weights in host memory, validated).",
+            ("tier",),
+            buckets=ADAPTER_LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        for tier in TIERS[:2]:
+            self.tier_load_seconds.labels(tier=tier)
         self.registry.register(EngineSnapshotCollector(snapshot))
+        if registered is not None:
+            self.registry.register(TierCollector(snapshot, registered))
         if compat == "vllm":
             self.registry.register(VllmCompatCollector(snapshot, model_name))
 
@@ -219,6 +240,15 @@ class Metrics(EngineObserver):
             seconds: how long the copy took.
         """
         self.adapter_load_seconds.observe(seconds)
+        self.tier_load_seconds.labels(tier="device").observe(seconds)
+
+    def host_loaded(self, seconds: float) -> None:
+        """Observe one adapter's read from disk into host memory.
+
+        Args:
+            seconds: from the request that asked for it to its weights in host memory.
+        """
+        self.tier_load_seconds.labels(tier="host").observe(seconds)
 
     # ----- adapter catalog ----------------------------------------------------------------------
 

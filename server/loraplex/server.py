@@ -46,8 +46,10 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
         The services, and (name, problem) for each stored adapter that could not be served.
     """
     keys = ApiKeys.load(config.api_keys) if config.api_keys is not None else ApiKeys.open()
-    engine = merged_engine(config) if config.merge_adapter is not None else make_engine(config, config.engine)
-    metrics = Metrics(lambda: engine.snapshot, config.metrics_compat, config.model_name)
+    weights = keys.tenant_weights()
+    engine_config = config.engine.model_copy(update={"tenant_weights": weights}) if weights else config.engine
+    engine = merged_engine(config) if config.merge_adapter is not None else make_engine(config, engine_config)
+    metrics = Metrics(lambda: engine.snapshot, config.metrics_compat, config.model_name, lambda: catalog.footprint())
     engine.observer = metrics
     store = AdapterStore(config.adapters)
     chat_templates = ChatTemplateRenderer(config.chat_template_timeout)

@@ -35,8 +35,8 @@ FORM_FIELDS = {"name", "config", "weights", "chat_template", "overwrite", "share
 
 
 def describe(svc: Services, record) -> dict:
-    """A catalog record as the API shows it, with where that version is now: a device slot, or host memory."""
-    return record.describe(in_slot=record.adapter.uid in svc.engine.snapshot.slot_uids)
+    """A catalog record as the API shows it, with where that version is now (device, host, loading, failed, disk)."""
+    return record.describe(svc.engine.adapter_tier(record.adapter))
 
 
 def _flag(form, name: str) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request as HttpRequest
 
+from loraplex import errors
 from loraplex.api.services import Services
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import EngineFailed, EngineUnavailable, LoraplexError, RequestInvalid, ServerDraining
@@ -36,6 +37,7 @@ class Choice:
     finish_reason: FinishReason | None = None
     error: str | None = None
     fatal: bool = False  # the error is the engine's own: it stopped
+    error_type: str | None = None  # the typed error the engine named (an adapter that could not be read)
     keep_generated: bool = True  # False when only the prompt is scored (echo with max_tokens=0)
 
     def add(self, event: TokenEvent) -> None:
@@ -51,10 +53,14 @@ class Choice:
             self.finish_reason = event.finish_reason
             self.error = event.error
             self.fatal = event.fatal
+            self.error_type = event.error_type
 
     def raise_for_outcome(self) -> None:
         """Raise for a choice that did not finish normally (engine failure, shutdown)."""
         if self.finish_reason is FinishReason.ERROR:
+            named = getattr(errors, self.error_type or "", None)
+            if isinstance(named, type) and issubclass(named, LoraplexError) and not self.fatal:
+                raise named(self.error or "the request's adapter could not be served", param="model")
             failure = EngineUnavailable if self.fatal else EngineFailed
             raise failure(self.error or "the engine failed while running this request")
         if self.finish_reason is FinishReason.ABORT:
@@ -119,7 +125,7 @@ class Generation:
         for choice, params in zip(self.choices, self._params):
             sink = bridge.sink(lambda event, index=choice.index: self._events.put_nowait((index, event)))
             try:
-                request_id = services.engine.add_request(choice.prompt_ids, self._adapter, params, sink=sink)
+                request_id = services.engine.add_request(choice.prompt_ids, self._adapter, params, sink=sink, tenant=self._tenant)
             except LoraplexError:
                 self.cancel()
                 raise

@@ -189,8 +189,12 @@ class AdapterRecord(_Sent):
     created: int
     source: Literal["store", "path"] = Field(description="store: kept across restarts; path: loaded for this run only.")
     has_chat_template: bool
-    tier: Literal["device", "host"] = Field(
-        description="Where the adapter is now: device, in a slot (a request on it starts at once); host, to be copied into one."
+    tier: Literal["device", "host", "loading", "failed", "disk"] = Field(
+        description=(
+            "Where this version is now: device, in a slot (a request on it starts at once); host, in host memory, "
+            "to be copied into a slot; loading, being read from disk; failed, its read was refused (requests on it "
+            "fail, naming why); disk, in the store only, read when a request needs it."
+        )
     )
 
 

@@ -44,6 +44,7 @@ from loraplex.engine.wire import (
 from loraplex.errors import AdapterNotFound, EngineUnavailable, QueueFull
 from loraplex.interpreter import module_command, module_environment
 from loraplex.lora.adapter import LoraAdapter, ModuleShape
+from loraplex.tenancy import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class EngineClient(EngineFront):
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()  # one order for adds and adapter changes: the pipe's
         self._queued = 0  # requests sent but never admitted yet (the bounded queue)
+        self._host_states: dict[str, str] = {}  # uid -> host-tier state, as the engine last reported
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._bridges = LoopBridges(self.cancel)
         self._started = False
@@ -148,6 +150,13 @@ class EngineClient(EngineFront):
             self.adapters[adapter.name] = adapter
             self._outbox.put(["adapter", wire])
 
+    def adapter_tier(self, adapter: LoraAdapter) -> str:
+        """Where this version is now: device (in a slot), host, loading, failed, or disk."""
+        if adapter.uid in self.snapshot.slot_uids:
+            return "device"
+        state = self._host_states.get(adapter.uid)
+        return "disk" if state is None else ("host" if state == "ready" else state)
+
     def remove_adapter(self, name: str) -> None:
         """Forget `name`; requests already running on it finish, then its slot is freed."""
         with self._lock:
@@ -166,6 +175,7 @@ class EngineClient(EngineFront):
         sink: Sink | None = None,
         *,
         bounded: bool = True,
+        tenant: str = DEFAULT_TENANT,
     ) -> str:
         """Queue a request; its events go to `sink` from the reader thread. Returns its id."""
         params = params or SamplingParams()
@@ -186,7 +196,7 @@ class EngineClient(EngineFront):
             self._queued += 1
             self._sinks[request_id] = sink or (lambda event: None)
             version = None if adapter is None else [adapter.name, adapter.uid]
-            self._outbox.put(["add", request_id, prompt_ids, version, params_to_wire(params)])
+            self._outbox.put(["add", request_id, prompt_ids, version, params_to_wire(params), tenant])
         return request_id
 
     def cancel(self, request_id: str) -> None:
@@ -264,8 +274,8 @@ class EngineClient(EngineFront):
         finally:
             self._stopped.set()
 
-    def _apply(self, events: list, observations: dict, snapshot: list, releases: int) -> None:
-        """One step's report: events to their sinks, observations to the observer, the snapshot."""
+    def _apply(self, events: list, observations: dict, snapshot: list, releases: int, tiers: dict) -> None:
+        """One step's report: events to their sinks, observations to the observer, the snapshot, host-tier changes."""
         if releases:
             with self._lock:
                 self._queued -= releases
@@ -280,6 +290,13 @@ class EngineClient(EngineFront):
             observer.request_ended(FinishReason(reason), seconds, queued)
         for seconds in observations["loads"]:
             observer.adapter_loaded(seconds)
+        for seconds in observations["host_loads"]:
+            observer.host_loaded(seconds)
+        for uid, state in tiers.items():
+            if state is None:
+                self._host_states.pop(uid, None)
+            else:
+                self._host_states[uid] = state
         self.snapshot = snapshot_from_wire(snapshot)
         sinks = self._sinks
         for fields in events:

@@ -11,9 +11,10 @@ It ignores SIGINT and SIGTERM (the server drains, then tells it to stop) and exi
 or when the server's end of the pipe closes. Must not: open sockets, read anything but its pipe,
 or let an exception out of the loop without first reporting it.
 
-Frames in (server → engine): ["config", json], ["add", id, prompt, [adapter name, uid] | None, params],
+Frames in (server → engine): ["config", json], ["add", id, prompt, [adapter name, uid] | None, params, tenant],
 ["abort", id], ["abort_all"], ["adapter", wire adapter], ["remove", name], ["stop"].
-Frames out: ["ready", facts], ["step", events, observations, snapshot, places given back],
+Frames out: ["ready", facts], ["step", events, observations, snapshot, places given back, host-tier
+changes {uid: state or None}],
 ["failed", message, error class], ["stopped"].
 """
 
@@ -40,6 +41,8 @@ from loraplex.engine.wire import (
 
 log = logging.getLogger(__name__)
 
+IDLE_SECONDS = 0.5  # the longest the loop waits with work it cannot run yet (a safety net beside the wake pipe)
+
 
 class ObservationLog(EngineObserver):
     """Keeps a step's observations as plain numbers, for the server's metrics to replay."""
@@ -49,7 +52,7 @@ class ObservationLog(EngineObserver):
 
     @staticmethod
     def _empty() -> dict:
-        return {"steps": [], "first": [], "gaps": [], "ended": [], "loads": []}
+        return {"steps": [], "first": [], "gaps": [], "ended": [], "loads": [], "host_loads": []}
 
     def take(self) -> dict:
         """The observations since the last take, as a frame carries them."""
@@ -70,6 +73,9 @@ class ObservationLog(EngineObserver):
 
     def adapter_loaded(self, seconds: float) -> None:
         self._log["loads"].append(seconds)
+
+    def host_loaded(self, seconds: float) -> None:
+        self._log["host_loads"].append(seconds)
 
 
 class EngineCore:
@@ -94,17 +100,20 @@ class EngineCore:
     def run(self) -> int:
         """Step until told to stop (0) or the server is gone (0), or the loop broke (1)."""
         engine = self.engine
+        ran = True  # step at once: frames that came with the config may have queued requests
         while not self.stopping:
+            # Wait only when the last step ran nothing: for a frame, a finished adapter read
+            # (the wake pipe), or, with work waiting, at most IDLE_SECONDS.
+            timeout = 0 if ran else (IDLE_SECONDS if engine.scheduler.has_work() else None)
             try:
-                frames = self._reader.read(0 if engine.scheduler.has_work() else None)
+                frames = self._reader.read(timeout)
             except EOFError:
                 log.warning("the server closed its pipe; the engine process exits")
                 return 0
             try:
                 for frame in frames:
                     self.handle(frame)
-                if frames or engine.scheduler.has_work():
-                    engine.step()
+                ran = engine.step() if frames or engine.scheduler.has_work() else False
             except BaseException as exc:  # the engine's state can no longer be trusted
                 engine.halt(exc)
                 self.report()
@@ -120,14 +129,14 @@ class EngineCore:
         kind = frame[0]
         engine = self.engine
         if kind == "add":
-            _, request_id, prompt_ids, version, params = frame
+            _, request_id, prompt_ids, version, params, tenant = frame
             adapter = None if version is None else engine.adapters.get(version[0])
             if version is not None and (adapter is None or adapter.uid != version[1]):
                 self._refuse(request_id, "its adapter was replaced or removed before the request reached the engine")
                 return
             try:
                 engine.add_request(
-                    prompt_ids, adapter, params_from_wire(params), request_id, self._events.append, bounded=False
+                    prompt_ids, adapter, params_from_wire(params), request_id, self._events.append, bounded=False, tenant=tenant
                 )
             except errors.LoraplexError as exc:  # the server checks first; this is the engine's own word
                 self._refuse(request_id, str(exc))
@@ -154,14 +163,15 @@ class EngineCore:
         engine = self.engine
         observations = engine.observer.take()
         releases = engine.queue_releases - self._releases + self._refused
-        changed = self._events or releases or engine.snapshot is not self._snapshot or any(observations.values())
+        tiers = engine.host.take_changes()
+        changed = self._events or releases or tiers or engine.snapshot is not self._snapshot or any(observations.values())
         if not changed:
             return
         self._releases, self._refused = engine.queue_releases, 0
         self._snapshot = engine.snapshot
         events = [event_to_wire(e) for e in self._events]
         self._events.clear()  # in place: every request's sink appends to this list
-        self._writer.send(["step", events, observations, snapshot_to_wire(engine.snapshot), releases])
+        self._writer.send(["step", events, observations, snapshot_to_wire(engine.snapshot), releases, tiers])
 
 
 def _facts(engine: Engine) -> dict:
@@ -181,6 +191,14 @@ def _facts(engine: Engine) -> dict:
     }
 
 
+def _ring(fd: int) -> None:
+    """Wake the loop from a loader thread (a full wake pipe already will)."""
+    try:
+        os.write(fd, b"\0")
+    except BlockingIOError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="loraplex's engine process (started by the server, not by hand)")
     parser.add_argument("--read-fd", type=int, required=True)
@@ -190,12 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s [engine process] %(name)s: %(message)s")
     widen_pipe(args.write_fd)
-    reader, writer = FrameReader(args.read_fd), FrameWriter(args.write_fd)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    reader, writer = FrameReader(args.read_fd, wake_read), FrameWriter(args.write_fd)
     try:
         (kind, config_json), *early = reader.read(None)
         if kind != "config":
             raise ValueError(f"the first frame must be the config, got {kind!r}")
         engine = Engine(EngineConfig.model_validate_json(config_json), observer=ObservationLog())
+        engine.host.record_changes = True
+        engine.on_wake = lambda: _ring(wake_write)
     except EOFError:
         return 0
     except Exception as exc:

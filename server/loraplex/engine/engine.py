@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ from loraplex.engine.base_model import BaseModel, load_base_model
 from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.front import EngineFront
 from loraplex.engine.fused_projections import fuse_projections
+from loraplex.engine.host_tier import HostLimits, HostState, HostTier
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.kv_sizing import block_bytes, profile_peak_bytes, size_kv_cache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets
@@ -40,13 +41,15 @@ from loraplex.engine.request import (
 )
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
-from loraplex.engine.slot_writer import SlotWriter
+from loraplex.engine.slot_writer import SlotImage, SlotWriter, make_image
 from loraplex.engine.slots import SlotCache
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.warmup import check_model_runs
 from loraplex.errors import AdapterNotFound, EngineUnavailable, ModelLoadError, QueueFull
 from loraplex.lora.adapter import LoraAdapter
+from loraplex.lora.index import read_source
+from loraplex.tenancy import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,12 @@ class Engine(EngineFront):
             pack_linears(self.base.model)
         self.module_shapes = module_shapes(self.wrappers)
         self.null_slot = config.max_loras
-        self.slot_writer = SlotWriter(self.wrappers, self.base.dtype, self.base.device)
-        self.slots = SlotCache(config.max_loras, self.slot_writer.write)
+        self._wake = threading.Event()
+        self.slot_writer = SlotWriter(self.wrappers, self.base.device)
+        limits = HostLimits(config.max_cpu_lora_bytes, config.max_cpu_loras, config.lora_loader_threads)
+        self.on_wake: Callable[[], None] | None = None  # also called when an adapter read finishes (engine process)
+        self.host = HostTier(limits, self._read_image, self._make_image, self._loaded)
+        self.slots = SlotCache(config.max_loras, self._write_slot)
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self._cache_layout = (hf_config.num_hidden_layers, config.block_size, hf_config.num_key_value_heads, head_dim)
         self.ops = make_step_ops(config.kernel_backend, self.base.device)
@@ -99,8 +106,10 @@ class Engine(EngineFront):
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             max_slot_bypass=config.max_num_seqs if config.max_slot_bypass is None else config.max_slot_bypass,
+            fair=config.scheduling == "fair",
+            tenant_weights=config.tenant_weights,
         )
-        self.scheduler = Scheduler(limits, self.kv_cache, self.slots)
+        self.scheduler = Scheduler(limits, self.kv_cache, self.slots, self.host)
         self.runner = ModelRunner(
             self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy, self.ops
         )
@@ -110,7 +119,6 @@ class Engine(EngineFront):
         self._live: dict[str, LiveRequest] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._bridges = LoopBridges(self.cancel)
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._queued = 0  # requests added but never admitted yet (the bounded queue)
@@ -124,6 +132,7 @@ class Engine(EngineFront):
         self._failed_steps = 0  # consecutive steps in which every request failed
         self.failure: str | None = None  # why the loop stopped, once it has
         self.snapshot = EngineSnapshot(slots_total=config.max_loras)
+        self._published_generation = 0
         check_model_runs(self)
         if config.cuda_graphs:
             self._capture_decode_graphs()
@@ -176,12 +185,81 @@ class Engine(EngineFront):
     # ----- adapters -------------------------------------------------------------------------
 
     def register_adapter(self, adapter: LoraAdapter) -> None:
-        """Make `adapter` the version new requests for its name get; running ones keep theirs."""
-        self.slot_writer.register(adapter)  # on CUDA: its pinned image, made here, not in a step
+        """Make `adapter` the version new requests for its name get; running ones keep theirs.
+
+        An indexed adapter (`modules` None) is read from its source when a request first needs it
+        (or now, when `pin_adapters` names it); one built in memory is laid out at first use.
+        """
         previous = self.adapters.get(adapter.name)
         self.adapters[adapter.name] = adapter
+        if adapter.name in self.config.pin_adapters:
+            self._send("pin", adapter)
         if previous is not None:
             self._send("retire", previous)
+
+    def prefetch(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> None:
+        """Read adapters into host memory now and wait for them: for scripts and tests that step by hand.
+
+        The background loop must not be running (a served engine reads adapters as requests need them).
+
+        Args:
+            names: the adapters to read; None reads every registered one (up to the host tier's bounds).
+            timeout: seconds to wait for the reads in all.
+
+        Raises:
+            AdapterNotFound / AdapterInvalid: a named adapter is not registered / could not be read.
+            TimeoutError: the reads took longer than `timeout`.
+        """
+        if self._thread is not None:
+            raise RuntimeError("prefetch() waits on the engine's own thread; stop the background loop first")
+        self._drain_inbox()
+        wanted = []
+        for name in self.adapters if names is None else names:
+            if name not in self.adapters:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded")
+            wanted.append(self.adapters[name])
+        for adapter in wanted:
+            self.host.acquire(adapter)
+        try:
+            deadline = time.monotonic() + timeout
+            while any(self.host.state(a) is HostState.LOADING for a in wanted):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"adapters were still being read after {timeout:g} s")
+                self._wake.wait(0.05)
+                self._wake.clear()
+                self._poll_host()
+            for adapter in wanted:
+                if self.host.state(adapter) is HostState.FAILED:
+                    raise self.host.error(adapter)
+        finally:
+            for adapter in wanted:
+                self.host.release(adapter)
+            self._poll_host()
+
+    def adapter_tier(self, adapter: LoraAdapter) -> str:
+        """Where this version is now: device (in a slot), host, loading, failed, or disk."""
+        if adapter.uid in self.snapshot.slot_uids:
+            return "device"
+        state = self.host.state(adapter)
+        return "disk" if state is None else ("host" if state is HostState.READY else state.value)
+
+    def _loaded(self) -> None:
+        """On a loader thread: a read finished; wake the loop so a step takes it up."""
+        self._wake.set()
+        if self.on_wake is not None:
+            self.on_wake()
+
+    def _read_image(self, adapter: LoraAdapter) -> SlotImage:
+        """On a loader thread: an indexed version's weights, read, validated and laid out for the slots."""
+        loaded = read_source(adapter, self.module_shapes, self.config.max_lora_rank, self.dtype)
+        return make_image(loaded, self.dtype, pin=self.slot_writer.pinned)
+
+    def _make_image(self, adapter: LoraAdapter) -> SlotImage:
+        return make_image(adapter, self.dtype, pin=self.slot_writer.pinned)
+
+    def _write_slot(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """The slots' callback: copy the version's host image into `slot` (None clears it)."""
+        self.slot_writer.write(slot, None if adapter is None else self.host.image(adapter))
 
     def remove_adapter(self, name: str) -> None:
         """Forget `name`; requests already running on it finish, then its slot is freed."""
@@ -201,10 +279,12 @@ class Engine(EngineFront):
         sink: Sink | None = None,
         *,
         bounded: bool = True,
+        tenant: str = DEFAULT_TENANT,
     ) -> str:
         """Queue a request; its events go to `sink` from the engine's thread. Returns its id.
 
-        `bounded` False skips the `max_queue` bound (`generate`, which runs the steps itself).
+        `bounded` False skips the `max_queue` bound (`generate`, which runs the steps itself);
+        `tenant` is who the fair scheduler counts its service to.
         """
         params = params or SamplingParams()
         prompt_ids = check_prompt(prompt_ids, self.max_model_len, self.vocab_size)
@@ -219,7 +299,7 @@ class Engine(EngineFront):
             generator = torch.Generator(device=self.base.device)
             seed = params.generator_seed
             generator.manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "big"))
-        request = Request(request_id or uuid.uuid4().hex, prompt_ids, adapter, params, generator)
+        request = Request(request_id or uuid.uuid4().hex, prompt_ids, adapter, params, generator, tenant=tenant)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = []
         live = LiveRequest(request, Detokenizer(self.base.tokenizer, prompt_ids, params.stop), sink or (lambda event: None))
@@ -267,13 +347,15 @@ class Engine(EngineFront):
             ids.append(request_id)
         self._drain_inbox()
         while self.scheduler.has_work():
-            self.step()
+            if not self.step():  # every waiting request waits for its adapter's read
+                self._wake.wait(0.05)
+                self._wake.clear()
         return [Completion.from_events(collected[i], list(prompt)) for i, prompt in zip(ids, prompts)]
 
     # ----- the step loop --------------------------------------------------------------------
 
-    def step(self) -> None:
-        """Schedule, run and post-process one iteration.
+    def step(self) -> bool:
+        """Schedule, run and post-process one iteration; returns whether anything ran.
 
         A failure one request causes fails that request alone. When the forward pass raises, or
         gives some sequences non-finite logits, those sequences are run one by one
@@ -282,9 +364,11 @@ class Engine(EngineFront):
         sampling or post-processing one request fails only that request.
         """
         self._drain_inbox()
+        self._poll_host()
         batch = self.scheduler.schedule()
         if not batch:
-            return
+            self._publish_host_changes()
+            return False
         now = time.monotonic()
         for seq in batch:
             if seq.request.first_scheduled_time is None:
@@ -310,13 +394,35 @@ class Engine(EngineFront):
             self.observer.adapter_loaded(seconds)
         self.slots.stats.load_seconds.clear()
         self._publish(time.time())
+        return True
+
+    def _poll_host(self) -> None:
+        """Take up finished adapter reads; fail the waiting requests of a version that could not be read."""
+        failed = self.host.poll(self.slots.is_resident)
+        for seconds in self.host.stats.load_seconds:
+            self.observer.host_loaded(seconds)
+        self.host.stats.load_seconds.clear()
+        if failed:
+            uids = {adapter.uid for adapter in failed}
+            for request in [r for r in self.scheduler.waiting if r.adapter is not None and r.adapter.uid in uids]:
+                self._fail_on_adapter(request)
+
+    def _fail_on_adapter(self, request: Request) -> None:
+        error = self.host.error(request.adapter)
+        self.outputs.fail(request, f"adapter {request.adapter.name!r} cannot be served: {error}", error_type=type(error).__name__)
+
+    def _publish_host_changes(self) -> None:
+        """Republish the snapshot when a read finished or an eviction happened in a step that ran nothing."""
+        if self.host.generation != self._published_generation:
+            self._publish(self.snapshot.time)
 
     def _publish(self, step_time: float) -> None:
-        scheduler, stats = self.scheduler, self.slots.stats
+        scheduler, stats, host, host_stats = self.scheduler, self.slots.stats, self.host, self.host.stats
 
         def names(requests) -> tuple[str, ...]:
             return tuple(sorted({r.adapter.name for r in requests if r.adapter is not None}))
 
+        self._published_generation = host.generation
         self.snapshot = EngineSnapshot(
             time=step_time,
             num_running=len(scheduler.running),
@@ -331,6 +437,15 @@ class Engine(EngineFront):
             adapter_lookups=stats.lookups,
             adapter_hits=stats.hits,
             slot_uids=self.slots.resident_uids(),
+            device_bytes=self.slots.bytes,
+            host_adapters=host.ready_count,
+            host_bytes=host.bytes,
+            host_loading=host.loading(),
+            host_loads=host_stats.loads,
+            host_evictions=host_stats.evictions,
+            host_hits=host_stats.hits,
+            host_misses=host_stats.misses,
+            host_failures=host_stats.failures,
         )
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
@@ -338,6 +453,8 @@ class Engine(EngineFront):
         if request.first_scheduled_time is None:
             self._release_queue_place()
         self.scheduler.finish(request)
+        if request.adapter is not None:
+            self.host.release(request.adapter)
         self._live.pop(request.request_id, None)
         self.observer.finished(request, time.monotonic())
 
@@ -356,8 +473,13 @@ class Engine(EngineFront):
                 break
             drained = True
             if kind == "add":
-                self._live[payload.request.request_id] = payload
-                self.scheduler.add(payload.request)
+                request = payload.request
+                self._live[request.request_id] = payload
+                self.scheduler.add(request)
+                if request.adapter is not None and self.host.acquire(request.adapter) is HostState.FAILED:
+                    self._fail_on_adapter(request)
+            elif kind == "pin":
+                self.host.pin(payload)
             elif kind in ("abort", "abort_all"):
                 for request_id in [payload] if kind == "abort" else list(self._live):
                     live = self._live.get(request_id)
@@ -366,6 +488,7 @@ class Engine(EngineFront):
                         live.sink(TokenEvent(request_id, None, "", finish_reason=FinishReason.ABORT))
             elif kind == "retire":
                 self._retired.append(payload)
+                self.host.retire(payload)
                 self._free_retired()
         if drained:
             self._publish(self.snapshot.time)
@@ -373,8 +496,6 @@ class Engine(EngineFront):
     def _free_retired(self) -> None:
         if self._retired:
             freed = [adapter for adapter in self._retired if self.slots.discard(adapter)]
-            for adapter in freed:
-                self.slot_writer.forget(adapter)
             self._retired = [adapter for adapter in self._retired if adapter not in freed]
 
     def start(self) -> None:
@@ -404,11 +525,8 @@ class Engine(EngineFront):
         try:
             while not self._stopping:
                 self._wake.clear()
-                self._drain_inbox()
-                if not self.scheduler.has_work():
+                if not self.step():  # idle, or every waiting request waits for its adapter's read
                     self._wake.wait(0.5)
-                    continue
-                self.step()
         except BaseException as exc:  # the loop's state can no longer be trusted: stop serving, say why
             self.halt(exc)
 

@@ -34,7 +34,8 @@ call costs O(tenants) or less, besides `in_order()` and iteration, which list ev
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from operator import attrgetter
 from typing import Generic, Protocol, TypeVar
 
 from loraplex.tenancy import DEFAULT_WEIGHT
@@ -57,9 +58,18 @@ class FairQueue(Generic[RequestT]):
         weights: each tenant's weight (its share of a busy server); tenants not in it weigh 1.
         input_cost: service per prompt token computed.
         output_cost: service per generated token.
+        tenant_of: the tenant a request is queued under; a constant makes the queue first-come,
+            first-served across tenants (`--scheduling fcfs`).
     """
 
-    def __init__(self, weights: Mapping[str, float] | None = None, input_cost: float = 1.0, output_cost: float = 2.0):
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        input_cost: float = 1.0,
+        output_cost: float = 2.0,
+        tenant_of: Callable[[RequestT], str] = attrgetter("tenant"),
+    ):
+        self.tenant_of = tenant_of
         for name, cost in (("input_cost", input_cost), ("output_cost", output_cost)):
             if not (math.isfinite(cost) and cost >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {cost!r}")
@@ -97,7 +107,7 @@ class FairQueue(Generic[RequestT]):
         queue.move_to_end(id(request), last=False)
 
     def _enqueue(self, request: RequestT, arrival: int, lift: bool) -> OrderedDict[int, tuple[int, RequestT]]:
-        tenant = request.tenant
+        tenant = self.tenant_of(request)
         queue = self._queues.get(tenant)
         if queue is not None and id(request) in queue:
             raise ValueError(f"request {request.request_id!r} is already waiting")
@@ -123,13 +133,14 @@ class FairQueue(Generic[RequestT]):
         Args:
             request: a waiting request; ValueError if it is not waiting.
         """
-        queue = self._queues.get(request.tenant)
+        tenant = self.tenant_of(request)
+        queue = self._queues.get(tenant)
         if queue is None or queue.pop(id(request), None) is None:
             raise ValueError(f"request {request.request_id!r} is not waiting")
         self._size -= 1
         if not queue:
-            del self._queues[request.tenant]
-            self._last_left = request.tenant
+            del self._queues[tenant]
+            self._last_left = tenant
 
     def in_order(self) -> list[RequestT]:
         """Every waiting request, in the order admission should consider them now.
@@ -175,7 +186,10 @@ class FairQueue(Generic[RequestT]):
         return self._size > 0
 
     def __contains__(self, request: object) -> bool:
-        queue = self._queues.get(getattr(request, "tenant", None))
+        try:
+            queue = self._queues.get(self.tenant_of(request))
+        except AttributeError:
+            return False
         return queue is not None and id(request) in queue
 
     def __iter__(self) -> Iterator[RequestT]:

@@ -125,7 +125,7 @@ class OutputProcessor:
             adapter = f" (adapter {request.adapter.name!r})" if request.adapter is not None else ""
             self.fail(request, f"the engine could not run request {request.request_id}{adapter}: {reason}")
 
-    def fail(self, request: Request, message: str, fatal: bool = False) -> None:
+    def fail(self, request: Request, message: str, fatal: bool = False, error_type: str | None = None) -> None:
         """End `request` with an error event naming `message` (once; a finished request is left alone)."""
         if request.finished:
             return
@@ -134,7 +134,9 @@ class OutputProcessor:
         live = self._live.get(request.request_id)
         self._finish(request, FinishReason.ERROR)
         if live is not None:
-            event = TokenEvent(request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message, fatal=fatal)
+            event = TokenEvent(
+                request.request_id, None, "", finish_reason=FinishReason.ERROR, error=message, fatal=fatal, error_type=error_type
+            )
             try:
                 live.sink(event)
             except Exception:  # a listener that cannot take the error cannot take anything else either

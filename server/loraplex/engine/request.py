@@ -14,6 +14,7 @@ import torch
 
 from loraplex.errors import RequestInvalid
 from loraplex.lora.adapter import LoraAdapter
+from loraplex.tenancy import DEFAULT_TENANT
 
 GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
 
@@ -132,6 +133,7 @@ class TokenEvent:
     prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
     error: str | None = None
     fatal: bool = False  # with an error: the engine itself stopped, not just this request
+    error_type: str | None = None  # with an error: the `LoraplexError` class that says what (e.g. AdapterInvalid)
 
 
 @dataclass
@@ -172,6 +174,7 @@ class Request:
     adapter: LoraAdapter | None
     params: SamplingParams
     generator: torch.Generator | None = None
+    tenant: str = DEFAULT_TENANT  # who is served: what the fair scheduler counts service by
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache

@@ -7,17 +7,23 @@ pins. Policy, in order, every step:
 1. Running requests continue: one token for a decode, the next chunk for a prefill (chunked
    prefill). If KV blocks run out, the most recently admitted request is preempted: its blocks
    and slot are freed and it goes back to the head of the queue, to be recomputed later.
-2. Waiting requests are admitted first-come, first-served while the token budget, the sequence
-   cap and the KV blocks allow. A request whose adapter cannot get a slot (every slot is pinned by
+2. Waiting requests are admitted in the waiting queue's order (fair_queue.py: the least-served
+   tenant first by S-LoRA's virtual token counter, first-come, first-served within a tenant; or
+   first-come, first-served across tenants with `scheduling="fcfs"`) while the token budget, the
+   sequence cap and the KV blocks allow. Every chunk scheduled is charged to its tenant: prompt
+   tokens computed (recomputation included) and tokens generated. A request whose adapter is still being read from disk into host
+   memory is passed over, without limit, until it is there. A request whose adapter cannot get a slot (every slot is pinned by
    running requests) waits. Later requests whose adapters are already resident may pass it, but
    only `max_slot_bypass` times; after that admission is strictly in order, so none starves.
 
 It never runs the model and never touches text.
 """
 
-from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from loraplex.engine.fair_queue import FairQueue
+from loraplex.engine.host_tier import HostTier
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.engine.slots import SlotCache
@@ -42,16 +48,21 @@ class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_slot_bypass: int
+    fair: bool = True  # tenants by virtual token counter; False: first-come, first-served across tenants
+    tenant_weights: Mapping[str, float] | None = None
 
 
 class Scheduler:
     """Decides each step's batch; the engine reports back which requests finished."""
 
-    def __init__(self, limits: SchedulerLimits, kv_cache: KVCache, slots: SlotCache):
+    def __init__(self, limits: SchedulerLimits, kv_cache: KVCache, slots: SlotCache, host: HostTier):
         self.limits = limits
         self.kv_cache = kv_cache
         self.slots = slots
-        self.waiting: deque[Request] = deque()
+        self.host = host
+        self.waiting: FairQueue[Request] = FairQueue(
+            limits.tenant_weights, tenant_of=(lambda request: request.tenant) if limits.fair else (lambda request: "")
+        )
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
 
@@ -71,27 +82,42 @@ class Scheduler:
             length = min(request.num_tokens - request.num_computed, budget)
             if not self._reserve_blocks(request, request.num_computed + length):
                 continue  # this request itself was preempted
-            batch.append(ScheduledSeq(request, request.num_computed, length))
+            self._append(batch, ScheduledSeq(request, request.num_computed, length))
             budget -= length
         budget -= self._admit(batch, budget)
         return batch
 
+    def _append(self, batch: list[ScheduledSeq], seq: ScheduledSeq) -> None:
+        """Add `seq` to the batch and charge its tenant: a decode generates one token, anything else is prompt work."""
+        batch.append(seq)
+        request = seq.request
+        decode = seq.length == 1 and bool(request.output_ids) and seq.start == request.num_tokens - 1
+        tenant = self.waiting.tenant_of(request)
+        self.waiting.charge(tenant, prompt_tokens=0 if decode else seq.length, generated_tokens=1 if decode else 0)
+
     def _admit(self, batch: list[ScheduledSeq], budget: int) -> int:
         used = 0
         blocked: Request | None = None  # the first request waiting for a slot this step
-        index = 0
-        while index < len(self.waiting) and len(self.running) < self.limits.max_num_seqs and budget - used > 0:
-            request = self.waiting[index]
+        passed: set[int] = set()  # requests looked at and left waiting this step
+        order, index = self.waiting.in_order(), 0
+        while index < len(order) and len(self.running) < self.limits.max_num_seqs and budget - used > 0:
+            request = order[index]
+            index += 1
+            if id(request) in passed:
+                continue
             adapter = request.adapter
+            if adapter is not None and not self.host.ready(adapter):
+                passed.add(id(request))  # its adapter is still being read from disk: others go meanwhile
+                continue
             if adapter is not None:
                 if blocked is not None and (
                     blocked.slot_bypassed >= self.limits.max_slot_bypass or not self.slots.is_resident(adapter)
                 ):
-                    index += 1
+                    passed.add(id(request))
                     continue
                 if not self.slots.can_acquire(adapter):
                     blocked = blocked or request
-                    index += 1
+                    passed.add(id(request))
                     continue
             length = min(request.num_tokens, budget - used)
             blocks = self.kv_cache.blocks_needed(length)
@@ -101,12 +127,13 @@ class Scheduler:
                 request.slot = self.slots.acquire(adapter)
                 if blocked is not None:
                     blocked.slot_bypassed += 1
-            del self.waiting[index]
+            self.waiting.remove(request)
             request.block_table = self.kv_cache.allocator.allocate(blocks)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.append(ScheduledSeq(request, 0, length))
+            self._append(batch, ScheduledSeq(request, 0, length))
             used += length
+            order, index = self.waiting.in_order(), 0  # the charge may have changed which tenant is least served
         return used
 
     def _reserve_blocks(self, request: Request, num_tokens: int) -> bool:

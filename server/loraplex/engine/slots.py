@@ -122,5 +122,10 @@ class SlotCache:
         return tuple(sorted(self._resident))
 
     @property
+    def bytes(self) -> int:
+        """Bytes of the adapters in slots (as the host tier counts them)."""
+        return sum(entry.adapter.nbytes for entry in self._resident.values())
+
+    @property
     def used(self) -> int:
         return len(self._resident)

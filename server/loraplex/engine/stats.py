@@ -47,6 +47,9 @@ class EngineObserver:
     def adapter_loaded(self, seconds: float) -> None:
         """An adapter was copied into a device slot in `seconds`."""
 
+    def host_loaded(self, seconds: float) -> None:
+        """An adapter was read from disk into host memory, `seconds` after its read was asked for."""
+
 
 @dataclass(frozen=True)
 class EngineSnapshot:
@@ -63,6 +66,12 @@ class EngineSnapshot:
         slots_total: device slots (`max_loras`).
         adapter_loads / adapter_evictions / adapter_lookups / adapter_hits: slot counters since start.
         slot_uids: the adapter versions (`LoraAdapter.uid`) in device slots now, sorted.
+        device_bytes: bytes of the adapters in device slots.
+        host_adapters / host_bytes: versions in host memory, and their bytes.
+        host_loading: versions being read from disk now.
+        host_loads / host_evictions / host_hits / host_misses / host_failures: host-tier counters
+            since start (a hit: a queued request found its version in host memory; a failure: a
+            read refused, e.g. the version was replaced meanwhile).
     """
 
     time: float = 0.0
@@ -78,3 +87,12 @@ class EngineSnapshot:
     adapter_lookups: int = 0
     adapter_hits: int = 0
     slot_uids: tuple[str, ...] = ()
+    device_bytes: int = 0
+    host_adapters: int = 0
+    host_bytes: int = 0
+    host_loading: int = 0
+    host_loads: int = 0
+    host_evictions: int = 0
+    host_hits: int = 0
+    host_misses: int = 0
+    host_failures: int = 0

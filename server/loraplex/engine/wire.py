@@ -4,7 +4,8 @@ Owns: the framing of both pipes (a 4-byte big-endian length, then a msgpack body
 decodes into plain lists, dicts and scalars: nothing is ever unpickled), `FrameReader` (whole
 frames from a pipe, waiting at most a given time) and `FrameWriter`, and the wire forms of what
 crosses: `SamplingParams`, `TokenEvent`, `EngineSnapshot` and a validated `LoraAdapter` (its
-tensors as safetensors bytes). Which frames exist and what they mean is the two ends' business
+facts and source; the tensors, as safetensors bytes, only of one built in
+memory). Which frames exist and what they mean is the two ends' business
 (core_process.py, client.py); this module only moves them.
 """
 
@@ -20,7 +21,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from loraplex.engine.request import FinishReason, SamplingParams, TokenEvent
 from loraplex.engine.stats import EngineSnapshot
-from loraplex.lora.adapter import LoraAdapter, LoraWeights
+from loraplex.lora.adapter import AdapterSource, LoraAdapter, LoraWeights
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = (1 << 32) - 1  # what the header can say; frames are the two processes' own
@@ -62,21 +63,35 @@ class FrameReader:
     """Reads whole frames from a pipe; one thread at a time.
 
     Raises EOFError from `read` once the writer has closed its end and every frame is read.
+
+    Args:
+        fd: the pipe's read end.
+        wake_fd: another pipe's read end; a byte written there ends a waiting `read` early.
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, wake_fd: int | None = None):
         self._fd = fd
+        self._wake_fd = wake_fd
         self._buffer = bytearray()
         self._poll = select.poll()  # poll, not select: no fd number is too large
         self._poll.register(fd, select.POLLIN)
+        if wake_fd is not None:
+            self._poll.register(wake_fd, select.POLLIN)
 
     def read(self, timeout: float | None) -> list[list]:
-        """The frames complete now, else the first to arrive within `timeout` seconds (None: no limit)."""
+        """The frames complete now, else the first to arrive within `timeout` seconds (None: no limit).
+
+        Returns [] when the time is up, or when woken through `wake_fd`.
+        """
         frames = self._complete()
         while not frames:
             events = self._poll.poll(None if timeout is None else max(0, timeout * 1000))
             if not events:
                 return []
+            if self._wake_fd is not None and any(fd == self._wake_fd for fd, _ in events):
+                os.read(self._wake_fd, 4096)
+                if not any(fd == self._fd for fd, _ in events):
+                    return []
             chunk = os.read(self._fd, READ_CHUNK)
             if not chunk:
                 raise EOFError("the other process closed its pipe")
@@ -114,12 +129,12 @@ def event_to_wire(event: TokenEvent) -> tuple:
     reason = event.finish_reason.value if event.finish_reason is not None else None
     return (
         event.request_id, event.token_id, event.text, event.logprob, event.top_logprobs, reason,
-        event.prompt_logprobs, event.error, event.fatal,
+        event.prompt_logprobs, event.error, event.fatal, event.error_type,
     )  # fmt: skip
 
 
 def event_from_wire(fields: list) -> TokenEvent:
-    request_id, token_id, text, logprob, top, reason, prompt, error, fatal = fields
+    request_id, token_id, text, logprob, top, reason, prompt, error, fatal, error_type = fields
     return TokenEvent(
         request_id,
         token_id,
@@ -130,6 +145,7 @@ def event_from_wire(fields: list) -> TokenEvent:
         None if prompt is None else [(lp, [tuple(pair) for pair in alternatives]) for lp, alternatives in prompt],
         error,
         fatal,
+        error_type,
     )
 
 
@@ -148,23 +164,33 @@ def snapshot_from_wire(fields: list) -> EngineSnapshot:
 
 
 def adapter_to_wire(adapter: LoraAdapter) -> list:
-    """A validated adapter: its facts, each module's scaling, and its A and B as safetensors bytes."""
+    """A validated adapter: its facts, its source, and (built in memory) its A and B as safetensors bytes."""
+    facts = [adapter.name, adapter.rank, adapter.alpha, adapter.use_rslora, adapter.target_modules, adapter.nbytes, adapter.uid]
+    source = adapter.source
+    wired_source = None if source is None else [source.path, source.version, source.roots, source.max_bytes]
+    if adapter.modules is None:
+        return [facts, wired_source, None, None]
     tensors = {}
     for module, weights in adapter.modules.items():
         tensors[f"{module}.lora_A"] = weights.lora_a.contiguous()
         tensors[f"{module}.lora_B"] = weights.lora_b.contiguous()
     scalings = {module: weights.scaling for module, weights in adapter.modules.items()}
-    facts = [adapter.name, adapter.rank, adapter.alpha, adapter.use_rslora, adapter.target_modules, adapter.nbytes, adapter.uid]
-    return [facts, scalings, save_safetensors_bytes(tensors)]
+    return [facts, wired_source, scalings, save_safetensors_bytes(tensors)]
 
 
 def adapter_from_wire(fields: list) -> LoraAdapter:
     """The adapter `adapter_to_wire` sent (already validated by the server: not checked again)."""
-    facts, scalings, raw = fields
+    facts, wired_source, scalings, raw = fields
     name, rank, alpha, use_rslora, target_modules, nbytes, uid = facts
-    tensors = load_safetensors_bytes(raw)
-    modules = {
-        module: LoraWeights(tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"], scaling)
-        for module, scaling in scalings.items()
-    }
-    return LoraAdapter(name, rank, alpha, use_rslora, list(target_modules), modules, nbytes, uid)
+    source = None
+    if wired_source is not None:
+        path, version, roots, max_bytes = wired_source
+        source = AdapterSource(path, version, None if roots is None else tuple(roots), max_bytes)
+    modules = None
+    if raw is not None:
+        tensors = load_safetensors_bytes(raw)
+        modules = {
+            module: LoraWeights(tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"], scaling)
+            for module, scaling in scalings.items()
+        }
+    return LoraAdapter(name, rank, alpha, use_rslora, list(target_modules), modules, nbytes, uid, source)

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from loraplex.errors import AdapterInvalid, AdapterMalformed
-from loraplex.lora.config import ModuleMatcher, check_depth, parse_settings
+from loraplex.lora.config import LoraSettings, ModuleMatcher, check_depth, parse_settings
 from loraplex.lora.files import CONFIG_FILE, WEIGHTS_FILE, read_adapter_files
 
 _PEFT_PREFIX = "base_model.model."
@@ -48,12 +48,27 @@ class LoraWeights:
         return self.lora_a.shape[0]
 
 
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter version's files are, to be read when a request needs it (not before).
+
+    `version` is the directory's `directory_version` when it was indexed; a read that finds another
+    version refuses it, so a replaced or deleted adapter is never served under the old version's uid.
+    """
+
+    path: str
+    version: str
+    roots: tuple[str, ...] | None = None  # directories every file must lie inside; None: the trusted store
+    max_bytes: int | None = None  # the largest weights file read
+
+
 @dataclass
 class LoraAdapter:
-    """A validated adapter in host memory, ready to be copied into a device slot.
+    """A validated adapter version: its facts, and its weights in host memory or where to read them.
 
-    `uid` is unique to this loaded version: replacing an adapter makes a new object with a new uid,
-    so requests already running keep the version they started with.
+    `uid` is unique to this version: replacing an adapter makes a new object with a new uid, so
+    requests already running keep the version they started with. `modules` holds the weights of
+    an adapter built in memory; an indexed one (`modules` None) is read from `source` on demand.
     """
 
     name: str
@@ -61,9 +76,35 @@ class LoraAdapter:
     alpha: float
     use_rslora: bool
     target_modules: list[str]
-    modules: dict[str, LoraWeights]
-    nbytes: int
+    modules: dict[str, LoraWeights] | None
+    nbytes: int  # A and B of every module in the serving dtype: what a host or device copy takes
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    source: AdapterSource | None = None
+
+    def on_disk(self, source: AdapterSource) -> "LoraAdapter":
+        """This version's facts without its weights, to be read from `source` when needed."""
+        return LoraAdapter(
+            self.name, self.rank, self.alpha, self.use_rslora, list(self.target_modules), None, self.nbytes, self.uid, source
+        )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says of one tensor: enough to validate an adapter without reading it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    floating: bool
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One module's validated LoRA pair, by tensor name: what `build_adapter` reads the values of."""
+
+    key_a: str
+    key_b: str
+    rank: int
+    scaling: float
 
 
 MAX_KEY_CHARS = 512  # a tensor name; PEFT's are under 100 characters
@@ -73,13 +114,13 @@ MAX_EFFECTIVE_WEIGHT = 1e4
 
 
 def _pair_tensors(
-    tensors: Mapping[str, torch.Tensor], base_modules: Mapping[str, ModuleShape], matcher: ModuleMatcher
-) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    tensors: Mapping[str, TensorInfo], base_modules: Mapping[str, ModuleShape], matcher: ModuleMatcher
+) -> dict[str, dict[str, tuple[str, TensorInfo]]]:
     """Each module's (key, tensor) for A and B; refuses what PEFT would not load as this adapter's."""
     if len(tensors) > 2 * len(base_modules):
         raise AdapterInvalid(f"the adapter holds {len(tensors)} tensors; this base has {len(base_modules)} LoRA targets")
-    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    for key, tensor in tensors.items():
+    pairs: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
+    for key, tensor in sorted(tensors.items()):  # by name: the first problem is the same for a header and a read
         if len(key) > MAX_KEY_CHARS:
             raise AdapterInvalid(f"a tensor name is longer than {MAX_KEY_CHARS} characters")
         if "lora_magnitude_vector" in key:
@@ -113,8 +154,6 @@ def _pair_tensors(
 
 def _effective(module: str, which: str, tensor: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0) -> torch.Tensor:
     """`tensor * scaling` as the slot stacks will hold it, checked finite and within MAX_EFFECTIVE_WEIGHT."""
-    if not tensor.is_floating_point():
-        raise AdapterInvalid(f"module {module}: {which} has dtype {tensor.dtype}, expected a float dtype")
     effective = tensor.to(torch.float32).mul(scaling).to(dtype)
     if not bool(torch.isfinite(effective).all()):
         scaled = "" if scaling == 1.0 else f" once scaled by {scaling:g}"
@@ -128,6 +167,85 @@ def _effective(module: str, which: str, tensor: torch.Tensor, dtype: torch.dtype
     return effective
 
 
+# torch dtypes by the names safetensors headers give them, so both paths name a dtype alike
+_SAFETENSORS_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float32: "F32", torch.float64: "F64",
+}  # fmt: skip
+
+
+def tensor_infos(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    """What `plan_modules` checks of loaded tensors: their shapes and dtypes (named as in a safetensors header)."""
+    return {
+        key: TensorInfo(tuple(t.shape), _SAFETENSORS_NAMES.get(t.dtype, str(t.dtype)), t.is_floating_point())
+        for key, t in tensors.items()
+    }
+
+
+def plan_modules(
+    config: Mapping, tensors: Mapping[str, TensorInfo], base_modules: Mapping[str, ModuleShape], max_rank: int
+) -> tuple[LoraSettings, dict[str, ModulePlan]]:
+    """Every check of a PEFT LoRA that needs no tensor values: config, names, pairing, ranks, shapes, dtypes.
+
+    Args:
+        config: the parsed `adapter_config.json`.
+        tensors: each tensor's shape and dtype, keyed as PEFT saves them (a header or loaded tensors).
+        base_modules: every wrapped module of the base, by qualified name, with its shape.
+        max_rank: the slot rank; a larger adapter is refused.
+
+    Returns:
+        The parsed settings, and each module's plan, sorted by module name.
+
+    Raises:
+        AdapterInvalid: with a message naming the first problem found.
+    """
+    settings = parse_settings(config)
+    matcher = ModuleMatcher(settings)
+    plans: dict[str, ModulePlan] = {}
+    for module, pair in sorted(_pair_tensors(tensors, base_modules, matcher).items()):
+        (key_a, lora_a), (key_b, lora_b) = pair["A"], pair["B"]
+        shape = base_modules[module]
+        rank, alpha = matcher.rank(module), matcher.alpha(module)
+        if len(lora_a.shape) != 2 or len(lora_b.shape) != 2:
+            raise AdapterInvalid(f"module {module}: lora_A and lora_B must be matrices")
+        if rank > max_rank:
+            raise AdapterInvalid(f"module {module}: rank {rank} exceeds max_lora_rank {max_rank}")
+        if lora_a.shape != (rank, shape.in_features):
+            raise AdapterInvalid(
+                f"module {module}: lora_A has shape {list(lora_a.shape)}, expected [{rank}, {shape.in_features}]"
+            )
+        if lora_b.shape != (shape.out_features, rank):
+            raise AdapterInvalid(
+                f"module {module}: lora_B has shape {list(lora_b.shape)}, expected [{shape.out_features}, {rank}]"
+            )
+        for which, info in (("lora_B", lora_b), ("lora_A", lora_a)):
+            if not info.floating:
+                raise AdapterInvalid(f"module {module}: {which} has dtype {info.dtype}, expected a float dtype")
+        plans[module] = ModulePlan(key_a, key_b, rank, settings.scaling(rank, alpha))
+    return settings, plans
+
+
+def describe_adapter(
+    name: str, settings: LoraSettings, plans: Mapping[str, ModulePlan], base_modules: Mapping[str, ModuleShape], dtype: torch.dtype
+) -> LoraAdapter:
+    """The facts of a planned adapter, without weights (`modules` None; see `LoraAdapter.on_disk`)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = sum(
+        plan.rank * (base_modules[module].in_features + base_modules[module].out_features) * itemsize
+        for module, plan in plans.items()
+    )
+    return LoraAdapter(
+        name=name,
+        rank=max(plan.rank for plan in plans.values()),
+        alpha=settings.alpha,
+        use_rslora=settings.use_rslora,
+        target_modules=sorted({module.rsplit(".", 1)[-1] for module in plans}),
+        modules=None,
+        nbytes=nbytes,
+    )
+
+
 def build_adapter(
     name: str,
     config: Mapping,
@@ -138,9 +256,10 @@ def build_adapter(
 ) -> LoraAdapter:
     """Validate a PEFT LoRA (config + tensors) against the base and return it ready for slots.
 
-    The weights are checked as the slots will hold them: A, and B times the module's scaling
-    (`alpha / r` or rsLoRA's `alpha / sqrt(r)`, with rank/alpha patterns), in `dtype`, all finite and
-    within MAX_EFFECTIVE_WEIGHT, so one tenant's adapter cannot put NaN or Inf into a shared step.
+    Every check `plan_modules` makes, then the weights as the slots will hold them: A, and B times
+    the module's scaling (`alpha / r` or rsLoRA's `alpha / sqrt(r)`, with rank/alpha patterns), in
+    `dtype`, all finite and within MAX_EFFECTIVE_WEIGHT, so one tenant's adapter cannot put NaN or
+    Inf into a shared step.
 
     Args:
         name: the adapter's name, as requests will select it.
@@ -153,38 +272,15 @@ def build_adapter(
     Raises:
         AdapterInvalid: with a message naming the first problem found.
     """
-    settings = parse_settings(config)
-    matcher = ModuleMatcher(settings)
+    settings, plans = plan_modules(config, tensor_infos(tensors), base_modules, max_rank)
     modules: dict[str, LoraWeights] = {}
-    for module, pair in sorted(_pair_tensors(tensors, base_modules, matcher).items()):
-        (_, lora_a), (_, lora_b) = pair["A"], pair["B"]
-        shape = base_modules[module]
-        rank, alpha = matcher.rank(module), matcher.alpha(module)
-        if lora_a.dim() != 2 or lora_b.dim() != 2:
-            raise AdapterInvalid(f"module {module}: lora_A and lora_B must be matrices")
-        if rank > max_rank:
-            raise AdapterInvalid(f"module {module}: rank {rank} exceeds max_lora_rank {max_rank}")
-        if tuple(lora_a.shape) != (rank, shape.in_features):
-            raise AdapterInvalid(
-                f"module {module}: lora_A has shape {list(lora_a.shape)}, expected [{rank}, {shape.in_features}]"
-            )
-        if tuple(lora_b.shape) != (shape.out_features, rank):
-            raise AdapterInvalid(
-                f"module {module}: lora_B has shape {list(lora_b.shape)}, expected [{shape.out_features}, {rank}]"
-            )
-        scaling = settings.scaling(rank, alpha)
-        _effective(module, "lora_B", lora_b, dtype, scaling)
-        modules[module] = LoraWeights(_effective(module, "lora_A", lora_a, dtype), lora_b.to(dtype), scaling)
-    targets = sorted({module.rsplit(".", 1)[-1] for module in modules})
-    return LoraAdapter(
-        name=name,
-        rank=max(weights.rank for weights in modules.values()),
-        alpha=settings.alpha,
-        use_rslora=settings.use_rslora,
-        target_modules=targets,
-        modules=modules,
-        nbytes=sum(t.numel() * t.element_size() for w in modules.values() for t in (w.lora_a, w.lora_b)),
-    )
+    for module, plan in plans.items():
+        lora_a, lora_b = tensors[plan.key_a], tensors[plan.key_b]
+        _effective(module, "lora_B", lora_b, dtype, plan.scaling)
+        modules[module] = LoraWeights(_effective(module, "lora_A", lora_a, dtype), lora_b.to(dtype), plan.scaling)
+    adapter = describe_adapter(name, settings, plans, base_modules, dtype)
+    adapter.modules = modules
+    return adapter
 
 
 def parse_config(raw: bytes | str) -> dict:

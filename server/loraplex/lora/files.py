@@ -24,11 +24,13 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+METADATA_FILE = "loraplex.json"  # the store's owner and creation time (service/store.py writes it)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CHAT_TEMPLATE_BYTES = 1 << 20
 MAX_TOKENIZER_CONFIG_BYTES = 16 << 20  # some tokenizers list 100k+ added tokens here
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header: ~150 bytes per tensor; an 8B base's adapter needs ~70 KB
 
 _Ids = set[tuple[int, int]]  # (st_dev, st_ino) of each root
 _SizeError = Callable[[str, int, int], Exception]  # (file name, size, limit) -> the error to raise
@@ -50,8 +52,9 @@ class AdapterFiles:
 
     path: Path  # the directory's real path
     config: bytes  # adapter_config.json
-    weights: bytes  # adapter_model.safetensors
+    weights: bytes  # adapter_model.safetensors, or only its header (`header_only`)
     chat_template: str | None  # chat_template.jinja, else tokenizer_config.json's "chat_template" string
+    weights_size: int = 0  # the weights file's size in bytes
 
 
 def check_path(path: str | os.PathLike, param: str | None = None) -> str:
@@ -85,6 +88,7 @@ def read_adapter_files(
     max_weights_bytes: int | None,
     param: str | None = None,
     with_chat_template: bool = True,
+    header_only: bool = False,
 ) -> AdapterFiles:
     """Read a PEFT adapter directory's config, weights and chat template, refusing anything outside `roots`.
 
@@ -94,6 +98,8 @@ def read_adapter_files(
         max_weights_bytes: the largest `adapter_model.safetensors` read; None reads any size.
         param: the request field `path` came from, named in errors about it.
         with_chat_template: also read the chat template (else `chat_template` is None).
+        header_only: read only the weights' safetensors header (its 8-byte length and JSON), not the
+            tensors: what indexing a store needs.
 
     Raises:
         RequestInvalid: `path` is empty, holds a NUL byte or is not UTF-8.
@@ -119,7 +125,7 @@ def read_adapter_files(
                 raise Forbidden(f"{shown} moved outside the allowed adapter roots while it was opened", param=param)
             if _id(os.stat(real)) != _id(os.fstat(dir_fd)):
                 raise Forbidden(f"{shown} changed while it was opened; refusing to read it", param=param)
-            return _read_all(dir_fd, real, root_ids, max_weights_bytes, shown, with_chat_template)
+            return _read_all(dir_fd, real, root_ids, max_weights_bytes, shown, with_chat_template, header_only)
         finally:
             os.close(dir_fd)
     except _Escape as exc:
@@ -170,11 +176,20 @@ def _read_all(
     max_weights_bytes: int | None,
     shown: str,
     with_chat_template: bool,
+    header_only: bool,
 ) -> AdapterFiles:
     config = _read_member(dir_fd, CONFIG_FILE, root_ids, MAX_CONFIG_BYTES, _malformed_size)
     if config is None:
         raise AdapterNotFound(f"{shown} has no {CONFIG_FILE}")
-    weights = _read_member(dir_fd, WEIGHTS_FILE, root_ids, max_weights_bytes, _too_large)
+    read = _read_header if header_only else _read_bounded
+    weights, size = None, 0
+    fd = _open_member(dir_fd, WEIGHTS_FILE, root_ids)
+    if fd is not None:
+        try:
+            size = os.fstat(fd).st_size
+            weights = read(fd, WEIGHTS_FILE, max_weights_bytes, _too_large)
+        finally:
+            os.close(fd)
     if weights is None:
         pickled = [name for name in PICKLE_FILES if _lexists(name, dir_fd)]
         if pickled:
@@ -184,7 +199,7 @@ def _read_all(
             )
         raise AdapterMalformed(f"{shown} has no {WEIGHTS_FILE}")
     template = _read_chat_template(dir_fd, root_ids) if with_chat_template else None
-    return AdapterFiles(path=real, config=config, weights=weights, chat_template=template)
+    return AdapterFiles(path=real, config=config, weights=weights, chat_template=template, weights_size=size)
 
 
 def _read_chat_template(dir_fd: int, root_ids: _Ids | None) -> str | None:
@@ -253,13 +268,19 @@ def _open_member(dir_fd: int, name: str, root_ids: _Ids | None) -> int | None:
             os.close(held)
 
 
-def _read_bounded(fd: int, name: str, limit: int | None, too_large: _SizeError) -> bytes:
-    """Read the regular file `fd`, never more than `limit` + 1 bytes even if it grows meanwhile."""
+def _regular_within(fd: int, name: str, limit: int | None, too_large: _SizeError) -> os.stat_result:
+    """`fd`'s stat, refusing anything but a regular file of at most `limit` bytes."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise AdapterMalformed(f"{name} is not a regular file")
     if limit is not None and info.st_size > limit:
         raise too_large(name, info.st_size, limit)
+    return info
+
+
+def _read_bounded(fd: int, name: str, limit: int | None, too_large: _SizeError) -> bytes:
+    """Read the regular file `fd`, never more than `limit` + 1 bytes even if it grows meanwhile."""
+    info = _regular_within(fd, name, limit, too_large)
     with open(fd, "rb", closefd=False) as file:
         data = file.read(info.st_size + 1)
         if len(data) > info.st_size:  # it grew since fstat
@@ -267,6 +288,39 @@ def _read_bounded(fd: int, name: str, limit: int | None, too_large: _SizeError) 
     if limit is not None and len(data) > limit:
         raise too_large(name, len(data), limit)
     return data
+
+
+def _read_header(fd: int, name: str, limit: int | None, too_large: _SizeError) -> bytes:
+    """The safetensors header of the regular file `fd` (its 8-byte length, then that much JSON), bounded."""
+    info = _regular_within(fd, name, limit, too_large)
+    with open(fd, "rb", closefd=False) as file:
+        prefix = file.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 0 or length > min(MAX_HEADER_BYTES, info.st_size - 8):
+            raise AdapterMalformed(f"{name} is not a valid safetensors file: its header length is out of bounds")
+        header = file.read(length)
+    if len(header) != length:
+        raise AdapterMalformed(f"{name} is not a valid safetensors file: it ends inside its header")
+    return prefix + header
+
+
+def directory_version(path: Path) -> str:
+    """What tells one version of an adapter directory from the next, from stats alone (no file is read).
+
+    The store saves by renaming a fresh directory into place (a new inode); an operator editing
+    files in place changes their modification times or sizes. Both enter the version.
+
+    Raises:
+        OSError: the directory cannot be stat'ed (it is gone).
+    """
+    parts = [str(os.stat(path).st_ino)]
+    for file in (CONFIG_FILE, WEIGHTS_FILE, CHAT_TEMPLATE_FILE, METADATA_FILE):
+        try:
+            info = os.stat(os.path.join(path, file))
+        except FileNotFoundError:
+            continue
+        parts.append(f"{file}:{info.st_mtime_ns}:{info.st_size}")
+    return "|".join(parts)
 
 
 def _too_large(name: str, size: int, limit: int) -> Exception:

@@ -21,8 +21,8 @@ from safetensors.torch import save as save_safetensors
 from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
 from loraplex.errors import AdapterExists, AdapterNotFound, AdapterTooLarge, Forbidden, RequestInvalid
-from loraplex.lora.adapter import LoraAdapter, parse_config, parse_weights, read_adapter_dir
-from loraplex.lora.files import read_adapter_files
+from loraplex.lora.adapter import AdapterSource, LoraAdapter, parse_config, parse_weights, read_adapter_dir
+from loraplex.lora.files import directory_version, read_adapter_files
 from loraplex.merging import merge_adapters
 from loraplex.service.store import AdapterStore, StoredAdapter, check_name
 from loraplex.tenancy import Principal
@@ -59,8 +59,8 @@ class AdapterRecord:
     def managed_by(self, principal: Principal) -> bool:
         return principal.is_admin or (self.owner is not None and self.owner == principal.tenant)
 
-    def describe(self, in_slot: bool) -> dict:
-        """The API's view of the adapter; `in_slot`: whether the engine holds it in a device slot now."""
+    def describe(self, tier: str) -> dict:
+        """The API's view of the adapter; `tier`: where the engine holds this version now (`adapter_tier`)."""
         adapter = self.adapter
         return {
             "name": adapter.name,
@@ -75,7 +75,7 @@ class AdapterRecord:
             "created": int(self.created),
             "source": self.source,
             "has_chat_template": self.chat_template is not None,
-            "tier": "device" if in_slot else "host",
+            "tier": tier,
         }
 
 
@@ -145,10 +145,10 @@ class AdapterCatalog:
         return problems
 
     def _read_stored(self, stored: StoredAdapter) -> AdapterRecord:
-        """Read and validate a stored adapter into a record (nothing registered yet)."""
-        config, tensors = read_adapter_dir(stored.path, self._max_bytes)
-        adapter = self._engine.validate_adapter(stored.name, config, tensors)
-        return AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template, stored.version)
+        """Index a stored adapter into a record from its config and header (no tensor read, nothing registered)."""
+        adapter = self._engine.index_adapter(stored.name, stored.path, self._max_bytes)
+        version = adapter.source.version
+        return AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template, version)
 
     def sync_store(self) -> StoreChanges:
         """Take up what other replicas changed in a shared store: new adapters, new versions, deletions.
@@ -197,6 +197,11 @@ class AdapterCatalog:
             raise RequestInvalid(f"{name!r} is the base model's name; pick another adapter name", param=param)
         if name in ROUTE_NAMES:
             raise RequestInvalid(f"{name!r} is reserved (POST /v1/adapters/{name}); pick another adapter name", param=param)
+
+    def footprint(self) -> tuple[int, int]:
+        """(adapters registered, their bytes in the serving dtype): what the disk tier holds."""
+        records = list(self._records.values())
+        return len(records), sum(record.adapter.nbytes for record in records)
 
     def names(self) -> list[str]:
         return sorted(self._records)
@@ -260,6 +265,7 @@ class AdapterCatalog:
                     raise AdapterExists(f"adapter {name!r} was loaded from a path; unload it first")
             owner = None if shared else (previous.owner if previous is not None else principal.tenant)
             stored = self._store.save(name, config, weights, owner, chat_template, overwrite=previous is not None)
+            adapter = adapter.on_disk(AdapterSource(str(stored.path), stored.version))  # the weights are read back on demand
             record = AdapterRecord(adapter, stored.owner, stored.created, "store", stored.path, stored.chat_template, stored.version)
             self._engine.register_adapter(adapter)
             self._records[name] = record
@@ -326,8 +332,11 @@ class AdapterCatalog:
         check_name(name)
         self._check_free(name, "lora_name")
         started = time.perf_counter()
+        version = _version_or_none(path)
         files = read_adapter_files(path, self._roots, self._max_bytes, param="lora_path")
         adapter = self._engine.validate_adapter(name, parse_config(files.config), parse_weights(files.weights))
+        roots = tuple(str(root) for root in self._roots)
+        adapter = adapter.on_disk(AdapterSource(str(files.path), version or "", roots, self._max_bytes))
         if files.chat_template is not None:
             self._check_template(files.chat_template)
         with self._lock:
@@ -351,3 +360,11 @@ class AdapterCatalog:
                 )
             self._engine.remove_adapter(name)
             del self._records[name]
+
+
+def _version_or_none(path: str) -> str | None:
+    """The directory's version before it is read (None: missing or not a valid path; the read says why)."""
+    try:
+        return directory_version(path)
+    except (OSError, ValueError):
+        return None

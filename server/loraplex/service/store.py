@@ -37,12 +37,11 @@ from loraplex.errors import (
     RequestInvalid,
 )
 from loraplex.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.lora.files import CHAT_TEMPLATE_FILE, read_chat_template, read_small_file
+from loraplex.lora.files import CHAT_TEMPLATE_FILE, METADATA_FILE, directory_version, read_chat_template, read_small_file
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-METADATA_FILE = "loraplex.json"
 MAX_METADATA_BYTES = 64 << 10
 
 _STAGING = ".staging"
@@ -78,7 +77,7 @@ class StoredAdapter:
     owner: str | None
     created: float
     chat_template: str | None
-    version: str = ""  # changes whenever the directory's contents may have: see `_version`
+    version: str = ""  # changes whenever the directory's contents may have: see `directory_version`
 
 
 class AdapterStore:
@@ -139,7 +138,7 @@ class AdapterStore:
         What a replica polls: no file is read, so a poll costs a few stats per adapter.
         """
         with self._lock:
-            return {entry.name: _version(entry) for entry in self._adapter_dirs()}
+            return {entry.name: directory_version(entry) for entry in self._adapter_dirs()}
 
     def version(self, name: str) -> str | None:
         """The version of the adapter `name`, or None when the store has none."""
@@ -147,7 +146,7 @@ class AdapterStore:
             return None
         with self._lock:
             path = self.root / name
-            return _version(path) if (path / CONFIG_FILE).is_file() else None
+            return directory_version(path) if (path / CONFIG_FILE).is_file() else None
 
     def _adapter_dirs(self) -> tuple[Path, ...]:
         """The adapter directories (hidden entries, and names that are not adapter names, left out with a warning)."""
@@ -221,7 +220,7 @@ class AdapterStore:
         if replaced is not None:
             self._discard_replaced(replaced)
         return StoredAdapter(
-            name=name, path=target, owner=owner, created=created, chat_template=chat_template, version=_version(target)
+            name=name, path=target, owner=owner, created=created, chat_template=chat_template, version=directory_version(target)
         )
 
     def delete(self, name: str) -> None:
@@ -294,23 +293,8 @@ class AdapterStore:
         except (OSError, AdapterMalformed) as exc:
             log.warning("skipping adapter directory %s: %s", path, exc)
             return None
-        return StoredAdapter(name=name, path=path, owner=owner, created=created, chat_template=chat_template, version=_version(path))
-
-
-def _version(path: Path) -> str:
-    """What tells one version of `<root>/<name>` from the next, as another replica sees it.
-
-    Every save renames a fresh directory into place (a new inode); an operator editing files in
-    place changes their modification times or sizes. Both enter the version.
-    """
-    parts = [str(path.stat().st_ino)]
-    for file in (CONFIG_FILE, WEIGHTS_FILE, CHAT_TEMPLATE_FILE, METADATA_FILE):
-        try:
-            stat = (path / file).stat()
-        except FileNotFoundError:
-            continue
-        parts.append(f"{file}:{stat.st_mtime_ns}:{stat.st_size}")
-    return "|".join(parts)
+        version = directory_version(path)
+        return StoredAdapter(name=name, path=path, owner=owner, created=created, chat_template=chat_template, version=version)
 
 
 def _read_metadata(path: Path) -> tuple[str | None, float]:
