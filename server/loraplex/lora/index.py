@@ -2,12 +2,13 @@
 
 Owns: parsing a safetensors header (bounded: what files.py reads with `header_only`) into each
 tensor's shape and dtype; indexing an adapter directory (its config and header, every check of
-adapter.py's `plan_modules`, no tensor read) into a `LoraAdapter` without weights and with an
-`AdapterSource`; and reading an indexed version's weights later (`read_source`), refusing a
+adapter.py's `plan_modules`, no tensor read; identical configs and headers validated once) into a
+`LoraAdapter` without weights and with an `AdapterSource`; and reading an indexed version's weights later (`read_source`), refusing a
 directory that no longer holds that version. It knows nothing of tiers, slots or the store's
 layout: callers decide when to index and when to read.
 """
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from loraplex.errors import AdapterInvalid, AdapterMalformed, AdapterNotFound
 from loraplex.lora.adapter import (
     AdapterSource,
     LoraAdapter,
+    ModulePlan,
     ModuleShape,
     TensorInfo,
     build_adapter,
@@ -27,6 +29,7 @@ from loraplex.lora.adapter import (
     parse_weights,
     plan_modules,
 )
+from loraplex.lora.config import LoraSettings
 from loraplex.lora.files import WEIGHTS_FILE, directory_version, read_adapter_files
 
 # safetensors dtype names -> (bytes per element, whether it is a float type)
@@ -36,6 +39,7 @@ _DTYPES = {
     "F8_E4M3": (1, True), "F8_E5M2": (1, True), "F16": (2, True), "BF16": (2, True), "F32": (4, True), "F64": (8, True),
 }  # fmt: skip
 MAX_DIMS = 8
+PLAN_MEMO_SIZE = 256  # distinct (config, header) pairs whose validation is remembered (plans only: small)
 
 
 def parse_header(raw: bytes, file_size: int) -> dict[str, TensorInfo]:
@@ -118,10 +122,23 @@ def index_adapter(
     """
     version = _version(path)
     files = read_adapter_files(path, roots, max_bytes, with_chat_template=False, header_only=True)
-    settings, plans = plan_modules(parse_config(files.config), parse_header(files.weights, files.weights_size), base_modules, max_rank)
+    shapes = tuple(sorted((module, shape.in_features, shape.out_features) for module, shape in base_modules.items()))
+    settings, plans = _plan(files.config, files.weights, files.weights_size, shapes, max_rank)
     adapter = describe_adapter(name, settings, plans, base_modules, dtype)
     source = AdapterSource(str(files.path), version, None if roots is None else tuple(str(r) for r in roots), max_bytes)
     return adapter.on_disk(source)
+
+
+@functools.lru_cache(maxsize=PLAN_MEMO_SIZE)
+def _plan(config: bytes, header: bytes, file_size: int, shapes: tuple, max_rank: int) -> tuple[LoraSettings, dict[str, ModulePlan]]:
+    """`plan_modules` of a config and header, remembered: a pure function of its arguments.
+
+    Adapters trained with one recipe on one base have byte-identical configs and headers (same
+    names, shapes, dtypes, hence offsets), so a fleet of them is validated once, not once each. A
+    refusal raises and is not remembered. The memo holds validated plans only, never weights.
+    """
+    base_modules = {module: ModuleShape(in_features, out_features) for module, in_features, out_features in shapes}
+    return plan_modules(parse_config(config), parse_header(header, file_size), base_modules, max_rank)
 
 
 def read_source(adapter: LoraAdapter, base_modules: Mapping[str, ModuleShape], max_rank: int, dtype: torch.dtype) -> LoraAdapter:
