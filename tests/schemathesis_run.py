@@ -24,7 +24,7 @@ class ServerRules:
     are sent as generated.
 
       - a prompt, counted in tokens (text through this server's tokenizer, chat messages through
-        its chat template), plus max_tokens must fit max_model_len;
+        its chat template), plus max_tokens must fit max_model_len (what /tokenize takes, too);
       - best_of must equal n, and a completions request's prompts x n must fit the queue;
       - a merge has one weight per adapter.
     And it points them at things that exist, which a schema cannot know: `model` names the base
@@ -56,6 +56,11 @@ class ServerRules:
             # An adapter's own chat template would render the messages differently: only those without one.
             body["model"] = self.pick([self.base, *self.adapters(with_template=False)], draw)
             self.fit_chat(body)
+        elif path in ("/tokenize", "/detokenize"):
+            if body.get("model") is not None:  # absent or null: the base model
+                body["model"] = self.pick([self.base, *self.adapters(with_template=False)], draw)
+            if path == "/tokenize":
+                self.fit_tokenize(body)
         elif path == "/v1/adapters/merge" and self.adapters():
             body["adapters"] = [self.pick(self.adapters(), draw + i) for i in range(len(body["adapters"]))]
             body["weights"] = (body["weights"] + [1.0] * len(body["adapters"]))[: len(body["adapters"])]
@@ -93,6 +98,13 @@ class ServerRules:
         while self.tokens(text) >= self.max_model_len:
             text = text[: len(text) // 2]
         return text
+
+    def fit_tokenize(self, body: dict) -> None:
+        """A prompt or messages of at most max_model_len tokens (a prompt's own tokens are fewer still)."""
+        if isinstance(body.get("prompt"), str):
+            body["prompt"] = self.shorten(body["prompt"])
+        elif isinstance(body.get("messages"), list):
+            self.fit_chat(body)
 
     def fit_chat(self, body: dict) -> None:
         messages = body["messages"]

@@ -28,6 +28,7 @@ from live_server import LiveServer, server_config, upload
 from loraplex.api.adapters import FORM_FIELDS
 from loraplex.api.app import create_app
 from loraplex.api.auth import ApiKeys
+from loraplex.api.gate import needs_key
 from loraplex.service.store import NAME_PATTERN
 from schemathesis_run import ServerRules, run_schemathesis
 from tiny import make_adapter, make_model, make_tokenizer
@@ -63,14 +64,19 @@ STATUSES = {
     ("post", "/v1/completions"): {200, 404, 429} | V1_GATE,
     ("post", "/v1/chat/completions"): {200, 404, 429} | V1_GATE,
     ("get", "/v1/models"): {200} | V1_GATE,
+    ("get", "/v1/models/{model_id}"): {200, 404} | V1_GATE,
     ("get", "/v1/adapters"): {200} | V1_GATE,
     ("post", "/v1/adapters"): {200, 201, 409, 422} | V1_GATE,
     ("post", "/v1/adapters/merge"): {200, 201, 404, 409, 422} | V1_GATE,
     ("get", "/v1/adapters/{name}"): {200, 404} | V1_GATE,
     ("delete", "/v1/adapters/{name}"): {200, 404} | V1_GATE,
-    ("post", "/v1/load_lora_adapter"): {200, 404, 409, 422} | V1_GATE,
+    ("post", "/v1/load_lora_adapter"): {200, 404, 422} | V1_GATE,
     ("post", "/v1/unload_lora_adapter"): {200, 404} | V1_GATE,
+    ("post", "/tokenize"): {200, 404} | V1_GATE,  # vLLM's, outside /v1, behind the same keys
+    ("post", "/detokenize"): {200, 404} | V1_GATE,
+    ("get", "/tokenizer_info"): {200} | V1_GATE,
     ("get", "/health"): {200, 400, 413, 500, 503},
+    ("get", "/version"): {200, 400, 413, 500},
     ("get", "/metrics"): {200, 400, 401, 403, 413, 500},
 }
 ADAPTER_MUST_FIT = {("post", "/v1/adapters"), ("post", "/v1/adapters/merge"), ("post", "/v1/load_lora_adapter")}
@@ -220,11 +226,12 @@ def test_the_upload_body_is_multipart_with_the_fields_the_route_reads(document):
     assert form["encoding"]["config"]["contentType"] == "application/json"
 
 
-def test_with_keys_every_v1_route_and_metrics_need_a_bearer_key(document):
+def test_with_keys_every_v1_route_the_tokenizer_routes_and_metrics_need_a_bearer_key(document):
+    assert {"/tokenize", "/detokenize", "/tokenizer_info"} <= {path for _, path, _ in operations(document) if needs_key(path)}
     scheme = document["components"]["securitySchemes"]["bearerAuth"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     for method, path, operation in operations(document):
-        expected = [{"bearerAuth": []}] if path.startswith("/v1/") or path == "/metrics" else None
+        expected = [{"bearerAuth": []}] if needs_key(path) or path == "/metrics" else None
         assert operation.get("security") == expected, (method, path)
 
 

@@ -198,6 +198,12 @@ def serve_config(options: Mapping[str, Any]) -> ServerConfig:
     return build_config(ServerConfig, {"engine": engine, **{name: options[name] for name in SERVE_SERVER_FIELDS}})
 
 
+def _names(names: list[str]) -> str:
+    """At most MAX_NAMES_SHOWN names, and how many there are in all past that."""
+    more = f", ... ({len(names)} in all)" if len(names) > MAX_NAMES_SHOWN else ""
+    return ", ".join(names[:MAX_NAMES_SHOWN]) + more
+
+
 @app.command()
 @with_options(SERVE_OPTIONS)
 def serve(**options: Any) -> None:
@@ -220,15 +226,21 @@ def serve(**options: Any) -> None:
     console.print(f"kv cache: {svc.engine.kv_summary}")
     if config.merge_adapter is not None:
         console.print(f"serving adapter {config.merge_adapter} merged into the base: LoRA off, no adapters taken")
-    names = svc.catalog.names()
-    shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > MAX_NAMES_SHOWN else "")
-    console.print(f"adapters in {config.adapters}: {shown or 'none'}")
+    modules = [name for name, _ in config.lora_module_paths()]
+    stored = [name for name in svc.catalog.names() if name not in modules]
+    store = config.adapters.resolve()
+    console.print(f"adapters in {store}: {_names(stored) or 'none'}")
+    if modules:
+        console.print(f"adapters from --lora-modules: {_names(modules)}")
     for name, problem in problems:
         console.print(f"[yellow]skipped adapter {name}:[/yellow] {problem}")
+    if config.merge_adapter is None and not stored and not problems:
+        relative = "" if config.adapters.is_absolute() else f" (--adapters {config.adapters} is relative to where serve runs)"
+        console.print(f"[yellow]warning:[/yellow] the adapter store {store} holds no adapter{relative}")
     if svc.keys.open_access:
         console.print(
-            "[yellow]warning:[/yellow] no --api-keys file: the server is open, every caller is the admin of one "
-            "default tenant"
+            "[yellow]warning:[/yellow] no --api-keys file or --api-key: the server is open, every caller is the admin "
+            "of one default tenant"
         )
     console.print(f"listening on http://{config.host}:{config.port}")
     status = run(svc)

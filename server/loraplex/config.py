@@ -134,7 +134,7 @@ class EngineConfig(BaseModel):
 class ServerConfig(BaseModel):
     """The HTTP server around one engine: where it listens, where adapters live, who may call it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # errors never show api_key
 
     engine: EngineConfig
     served_model_name: str | None = Field(
@@ -179,6 +179,14 @@ class ServerConfig(BaseModel):
         default=True,
         description="Run the engine in a process of its own, apart from the HTTP side's GIL (off: on a server thread).",
     )
+    lora_modules: tuple[str, ...] = Field(
+        default=(),
+        description="Adapters served from start-up, shared, as vLLM's NAME=PATH (repeatable); a bad one stops start-up.",
+    )
+    api_key: str | None = Field(
+        default=None, repr=False,
+        description="One admin key, for the simple case beside --api-keys (default: none); never logged.",
+    )  # fmt: skip
 
     @property
     def model_name(self) -> str:
@@ -188,8 +196,29 @@ class ServerConfig(BaseModel):
     def allowed_lora_roots(self) -> tuple[Path, ...]:
         return self.lora_roots or (self.adapters,)
 
+    def lora_module_paths(self) -> list[tuple[str, Path]]:
+        """`lora_modules` as (name, directory) pairs; raises ValueError naming a malformed entry."""
+        pairs = []
+        for entry in self.lora_modules:
+            name, equals, path = entry.partition("=")
+            if not equals or not name.strip() or not path.strip():
+                raise ValueError(f"--lora-modules {entry!r}: expected NAME=PATH")
+            pairs.append((name.strip(), Path(path.strip())))
+        names = [name for name, _ in pairs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"--lora-modules names {', '.join(repeated)} more than once")
+        return pairs
+
     @model_validator(mode="after")
     def _check(self) -> "ServerConfig":
-        if self.metrics_auth == "key" and self.api_keys is None:
-            raise ValueError("--metrics-auth key needs an --api-keys file to check keys against")
+        if self.api_key is not None and self.api_keys is not None:
+            raise ValueError("give --api-key or an --api-keys file, not both (the file can hold that key too)")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ValueError("--api-key must be a string of at least 8 characters")  # the key itself is never shown
+        if self.metrics_auth == "key" and self.api_keys is None and self.api_key is None:
+            raise ValueError("--metrics-auth key needs --api-keys or --api-key to check keys against")
+        if self.lora_modules and self.merge_adapter is not None:
+            raise ValueError("--lora-modules serves adapters; --merge-adapter turns LoRA off")
+        self.lora_module_paths()
         return self

@@ -1,11 +1,12 @@
 """The serving process: build everything from one `ServerConfig`, run it, drain it on SIGTERM.
 
-Owns: assembling `Services` (keys, engine, metrics, adapter store and catalog, chat template
-renderer; or, with `merge_adapter`, an engine over one adapter merged into the base, with LoRA
-off; the engine runs in a process of its own unless `engine_process` is off) and running the app
-on uvicorn in this process, with a drain on the first SIGTERM or SIGINT: new `/v1` requests get
-503 and `/health` turns 503 while running requests finish, for at most `drain_timeout` seconds;
-then the engine stops and the process exits. A second signal exits at once.
+Owns: assembling `Services` (keys, engine, metrics, adapter store and catalog with the
+`--lora-modules` adapters, chat template renderer; or, with `merge_adapter`, an engine over one
+adapter merged into the base, with LoRA off; the engine runs in a process of its own unless
+`engine_process` is off) and running the app on uvicorn in this process, with a drain on the first
+SIGTERM or SIGINT: new `/v1` requests get 503 and `/health` turns 503 while running requests
+finish, for at most `drain_timeout` seconds; then the engine stops and the process exits. A second
+signal exits at once.
 """
 
 import logging
@@ -24,12 +25,13 @@ from loraplex.api.services import Services
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.client import EngineClient
 from loraplex.engine.engine import Engine
-from loraplex.errors import AdapterNotFound
+from loraplex.errors import AdapterNotFound, LoraplexError
 from loraplex.export import export_merged
 from loraplex.metrics import Metrics
 from loraplex.service.catalog import AdapterCatalog
 from loraplex.service.store import AdapterStore, check_name
 from loraplex.service.store_sync import StoreSync
+from loraplex.tenancy import DEFAULT_TENANT, Principal
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,11 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
 
     Returns:
         The services, and (name, problem) for each stored adapter that could not be served.
+
+    Raises:
+        ValueError: a `--lora-modules` adapter cannot be served (the engine is stopped first).
     """
-    keys = ApiKeys.load(config.api_keys) if config.api_keys is not None else ApiKeys.open()
+    keys = ApiKeys.of(config)
     weights = keys.tenant_weights()
     engine_config = config.engine.model_copy(update={"tenant_weights": weights}) if weights else config.engine
     engine = merged_engine(config) if config.merge_adapter is not None else make_engine(config, engine_config)
@@ -54,16 +59,34 @@ def build_services(config: ServerConfig, load_store: bool = True) -> tuple[Servi
     store = AdapterStore(config.adapters)
     chat_templates = ChatTemplateRenderer(config.chat_template_timeout)
     special_tokens = engine.base.tokenizer.special_tokens_map
+    modules = config.lora_module_paths()
+    roots = config.allowed_lora_roots + tuple(path for _, path in modules)  # the operator named these
     catalog = AdapterCatalog(
-        engine, store, {config.model_name}, config.max_adapter_bytes, config.allowed_lora_roots,
+        engine, store, {config.model_name}, config.max_adapter_bytes, roots,
         metrics.adapter_registered, lambda template: chat_templates.check(template, special_tokens),
     )  # fmt: skip
     serves_store = load_store and engine.config.enable_lora
     problems = catalog.load_store() if serves_store else []
+    try:
+        load_lora_modules(catalog, modules)
+    except ValueError:
+        chat_templates.close()
+        engine.stop()
+        raise
     # Replicas sharing the store see each other's uploads and deletes (Ray's replicas load on demand instead).
     sync = StoreSync(catalog, config.store_poll_interval) if serves_store and config.store_poll_interval > 0 else None
     prompts = PromptEncoder(engine.base.tokenizer, engine.max_model_len)
     return Services(config, engine, catalog, keys, metrics, chat_templates, prompts, store_sync=sync), problems
+
+
+def load_lora_modules(catalog: AdapterCatalog, modules: list[tuple[str, Path]]) -> None:
+    """Serve each `--lora-modules` adapter as a shared one, as vLLM's load does; raises ValueError naming a bad entry."""
+    operator = Principal(DEFAULT_TENANT, "admin")
+    for name, path in modules:
+        try:
+            catalog.load_path(name, str(path), operator)
+        except LoraplexError as exc:
+            raise ValueError(f"--lora-modules {name}={path}: {exc}") from None
 
 
 def make_engine(config: ServerConfig, engine: EngineConfig) -> Engine | EngineClient:

@@ -5,8 +5,8 @@ Owns: the HTTP side of adapter management. `POST /v1/adapters` takes multipart f
 `chat_template`, `overwrite`, `shared`; each at most once; the body's size is bounded by the
 gate before it is read), and hands the files to the catalog, which validates, stores and serves them. `POST
 /v1/adapters/merge` (JSON) merges adapters the caller owns into a new one it owns. The vLLM-compatible
-`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are admin-only. Tenancy rules live in the
-catalog, not here.
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are admin-only; as in vLLM, loading a name
+already served is a 400. Tenancy rules live in the catalog, not here.
 """
 
 from fastapi import APIRouter, Depends, Request
@@ -19,7 +19,7 @@ from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.response_models import AdapterDeleted, AdapterList, AdapterRecord, errors
 from loraplex.api.schemas import LoadLoraRequest, MergeRequest, UnloadLoraRequest
 from loraplex.api.services import Services, services
-from loraplex.errors import RequestInvalid
+from loraplex.errors import AdapterExists, RequestInvalid
 from loraplex.tenancy import Principal
 
 router = APIRouter(route_class=StrictJsonRoute)
@@ -174,10 +174,10 @@ async def delete_adapter(name: str, svc: Services = Depends(services), principal
         200: {"description": "Loaded, shared, for this run.", **_TEXT},
         **errors(
             {
-                400: "The body is invalid, the name is invalid or the base model's, or the files cannot be read.",
+                400: "The body is invalid, the name is invalid or the base model's, an adapter of that name is "
+                "served already (a 400, as vLLM answers it), or the files cannot be read.",
                 403: "Not an admin, or the directory (or a file it links to) is outside --lora-roots.",
                 404: "No such directory, or it has no adapter_config.json.",
-                409: "An adapter of that name is loaded.",
                 413: "The weights are over --max-adapter-bytes.",
                 422: "The adapter does not fit the base model, or its chat template cannot render.",
             }
@@ -187,7 +187,10 @@ async def delete_adapter(name: str, svc: Services = Depends(services), principal
 async def load_lora_adapter(
     body: LoadLoraRequest, svc: Services = Depends(services), principal: Principal = Depends(caller)
 ) -> PlainTextResponse:
-    await run_in_threadpool(svc.catalog.load_path, body.lora_name, body.lora_path, principal)
+    try:
+        await run_in_threadpool(svc.catalog.load_path, body.lora_name, body.lora_path, principal)
+    except AdapterExists as exc:  # vLLM's clients read a name already served as a bad request
+        raise RequestInvalid(str(exc), param="lora_name") from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

@@ -3,7 +3,7 @@
 Owns: `create_app`, which wires the route modules to one `Services`, starts the engine loop when
 the app starts and stops it when the app stops, refuses new `/v1` work with 503 while the server
 drains, and serves `GET /health` and `GET /metrics` (both cheap: they read the engine's published
-snapshot and never wait for a step). What `/openapi.json` says is openapi.py's.
+snapshot and never wait for a step) and vLLM's `GET /version`. What `/openapi.json` says is openapi.py's.
 """
 
 from contextlib import asynccontextmanager
@@ -11,11 +11,12 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from loraplex.api import adapters, chat, completions, models
+from loraplex import __version__
+from loraplex.api import adapters, chat, completions, models, tokenization
 from loraplex.api.errors import install_error_handlers
 from loraplex.api.gate import RequestGate
 from loraplex.api.openapi import install_openapi
-from loraplex.api.response_models import Healthy, Unhealthy
+from loraplex.api.response_models import Healthy, Unhealthy, VersionInfo
 from loraplex.api.services import Services, services
 from loraplex.errors import ServerDraining
 from loraplex.metrics import INVALID, REJECTED
@@ -66,7 +67,7 @@ def create_app(svc: Services) -> FastAPI:
         on_refused=on_refused,
     )
     admitted = [Depends(refuse_when_draining)]
-    for module in (completions, chat, models, adapters):
+    for module in (completions, chat, models, adapters, tokenization):
         app.include_router(module.router, dependencies=admitted)
 
     @app.get(
@@ -83,6 +84,10 @@ def create_app(svc: Services) -> FastAPI:
         failure = svc.engine.failure
         reason = "draining" if svc.draining else f"engine stopped: {failure}" if failure else "engine loop not running"
         return JSONResponse({"status": reason}, status_code=503)
+
+    @app.get("/version", response_model=None, responses={200: {"model": VersionInfo, "description": "loraplex's version."}})
+    async def version() -> dict:  # open, as vLLM's and /health are: it says nothing about tenants
+        return {"version": __version__}
 
     @app.get(
         "/metrics",

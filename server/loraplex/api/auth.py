@@ -1,8 +1,8 @@
 """API keys: who is calling, and may they do this.
 
-Owns: reading the keys file (TOML), turning an `Authorization: Bearer <key>` header into a
-`Principal` (a tenant, a role and the tenant's weight), and the open single-tenant mode used when
-no file is given.
+Owns: reading the keys file (TOML), or taking the one `--api-key` (an admin of the default
+tenant), turning an `Authorization: Bearer <key>` header into a `Principal` (a tenant, a role and
+the tenant's weight), and the open single-tenant mode used when neither is given.
 Keys are compared as SHA-256 digests with `hmac.compare_digest` against every entry, so timing
 says nothing about which key (or how much of one) matched. Keys are never logged or echoed.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fastapi import Request
 
+from loraplex.config import ServerConfig
 from loraplex.errors import Unauthorized
 from loraplex.tenancy import DEFAULT_TENANT, DEFAULT_WEIGHT, MAX_WEIGHT, Principal
 
@@ -62,6 +63,18 @@ class ApiKeys:
     @classmethod
     def open(cls) -> "ApiKeys":
         return cls([], open_access=True)
+
+    @classmethod
+    def single(cls, key: str) -> "ApiKeys":
+        """One admin key of the default tenant (`--api-key`); the config has checked its length."""
+        return cls([_KeyEntry(_digest(key), Principal(DEFAULT_TENANT, "admin"))])
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> "ApiKeys":
+        """The keys a server's config names: its keys file, its one key, or none (open)."""
+        if config.api_keys is not None:
+            return cls.load(config.api_keys)
+        return cls.single(config.api_key) if config.api_key is not None else cls.open()
 
     @classmethod
     def load(cls, path: Path) -> "ApiKeys":

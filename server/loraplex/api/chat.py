@@ -17,8 +17,8 @@ from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.response_models import ChatCompletion, ChatCompletionChunk, errors, generated
-from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage
-from loraplex.api.schemas import ChatCompletionRequest
+from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage, usage_so_far
+from loraplex.api.schemas import ChatCompletionRequest, ChatMessage
 from loraplex.api.services import Services, services
 from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
 from loraplex.errors import RequestInvalid
@@ -29,9 +29,23 @@ router = APIRouter(route_class=StrictJsonRoute)
 
 
 def render_prompt(
-    body: ChatCompletionRequest, record: AdapterRecord | None, encoder: PromptEncoder, renderer: ChatTemplateRenderer
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    record: AdapterRecord | None,
+    encoder: PromptEncoder,
+    renderer: ChatTemplateRenderer,
+    add_special_tokens: bool = False,
 ) -> list[int]:
-    """The prompt's token ids: messages through the adapter's template, else the tokenizer's."""
+    """The prompt's token ids: messages through the adapter's template, else the tokenizer's.
+
+    Args:
+        messages: the conversation.
+        add_generation_prompt: end with the template's cue for the assistant's turn.
+        record: the adapter whose template comes first (None: the base model).
+        encoder: the bounded tokenizer.
+        renderer: the sandboxed template renderer.
+        add_special_tokens: the tokenizer's own special tokens on top of the template's (vLLM's tokenize option).
+    """
     tokenizer = encoder.tokenizer
     template = record.chat_template if record is not None else None
     if template is None:
@@ -41,9 +55,9 @@ def render_prompt(
             template = tokenizer.get_chat_template()  # picks "default" from a dict of named templates
         except ValueError as exc:
             raise RequestInvalid(f"this model's chat template cannot be chosen: {exc}", param="messages") from None
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = renderer.render(template, messages, body.add_generation_prompt, tokenizer.special_tokens_map)
-    ids = encoder.encode(text, "messages", "the rendered prompt", add_special_tokens=False)
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    text = renderer.render(template, conversation, add_generation_prompt, tokenizer.special_tokens_map)
+    ids = encoder.encode(text, "messages", "the rendered prompt", add_special_tokens=add_special_tokens)
     if not ids:
         raise RequestInvalid("the rendered prompt is empty", param="messages")
     return ids
@@ -134,7 +148,9 @@ async def create_chat_completion(
     body.check_supported()
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
-    prompt = await run_in_threadpool(render_prompt, body, record, svc.prompts, svc.chat_templates)  # off the loop
+    prompt = await run_in_threadpool(
+        render_prompt, body.messages, body.add_generation_prompt, record, svc.prompts, svc.chat_templates
+    )  # off the loop
     params = _params(body, prompt, svc.engine.max_model_len)
     generation = Generation(svc, principal.tenant, record and record.adapter, [prompt], params)
     generation.start(http_request)
@@ -154,11 +170,12 @@ async def create_chat_completion(
 
 async def _stream(generation: Generation, body: ChatCompletionRequest, response_id: str, created: int):
     tokenizer = generation.tokenizer
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    include_usage, continuous = body.usage_in_stream
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
 
     def chunk(index: int, delta: dict, logprobs=None, reason=None) -> str:
-        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]})
+        choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
+        return sse({**base, "choices": choices, **usage_so_far(generation, continuous)})
 
     try:
         for choice in generation.choices:

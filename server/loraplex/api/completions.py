@@ -16,7 +16,7 @@ from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.response_models import Completion, CompletionChunk, errors, generated
-from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage
+from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage, usage_so_far
 from loraplex.api.schemas import CompletionRequest
 from loraplex.api.services import Services, services
 from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
@@ -107,15 +107,28 @@ def _logprobs_block(tokenizer, ids: list[int], logprobs: list, tops: list, start
 
 
 class _Echo:
-    """What echo adds in front of a choice: the prompt's text, and its tokens' logprobs."""
+    """What echo adds in front of a choice: the prompt as sent, and its tokens' logprobs.
 
-    def __init__(self, body: CompletionRequest, tokenizer):
+    A text prompt is echoed as it came (not decoded back, which would show the special tokens the
+    tokenizer added, e.g. `<s>`); token ids are decoded as they are. Decoding runs on the thread pool.
+    """
+
+    def __init__(self, body: CompletionRequest, tokenizer, prompts: list[list[int]]):
         self.enabled = body.echo
         self.drop_generated = body.echo and body.max_tokens == 0
-        self.tokenizer = tokenizer
+        self._n = body.n
+        self._texts: list[str] = []
+        if not self.enabled:
+            return
+        if isinstance(body.prompt, str):
+            self._texts = [body.prompt]
+        elif isinstance(body.prompt[0], str):
+            self._texts = list(body.prompt)
+        else:
+            self._texts = [tokenizer.decode(ids) for ids in prompts]
 
     def prompt_text(self, choice: Choice) -> str:
-        return self.tokenizer.decode(choice.prompt_ids) if self.enabled else ""
+        return self._texts[choice.index // self._n] if self.enabled else ""
 
     def prompt_scores(self, choice: Choice) -> tuple[list, list]:
         if not self.enabled or choice.prompt_logprobs is None:
@@ -163,8 +176,8 @@ async def create_completion(
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
     prompts = await run_in_threadpool(_prompts, body, svc.prompts)  # long prompts must not stall the loop
-    echo = _Echo(body, tokenizer)
     params = _params(body, prompts, svc.engine.max_model_len)
+    echo = await run_in_threadpool(_Echo, body, tokenizer, prompts)
     adapter = record and record.adapter
     generation = Generation(svc, principal.tenant, adapter, prompts, params, keep_generated=not echo.drop_generated)
     generation.start(http_request)
@@ -184,7 +197,7 @@ async def create_completion(
 
 async def _stream(generation: Generation, body: CompletionRequest, echo: _Echo, response_id: str, created: int):
     tokenizer = generation.tokenizer
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    include_usage, continuous = body.usage_in_stream
     started: set[int] = set()
     base = {"id": response_id, "object": "text_completion", "created": created, "model": body.model}
     try:
@@ -207,8 +220,8 @@ async def _stream(generation: Generation, body: CompletionRequest, echo: _Echo, 
             if not text and reason is None and (body.logprobs is None or not ids):
                 continue
             block = _logprobs_block(tokenizer, ids, lps, tops, 0) if body.logprobs is not None else None
-            chunk = {**base, "choices": [{"index": choice.index, "text": text, "logprobs": block, "finish_reason": reason}]}
-            yield sse(chunk)
+            choices = [{"index": choice.index, "text": text, "logprobs": block, "finish_reason": reason}]
+            yield sse({**base, "choices": choices, **usage_so_far(generation, continuous)})
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(generation)})
         yield sse("[DONE]")

@@ -3,9 +3,10 @@
 Owns: `RequestGate`, a pure ASGI middleware that, in this order and before one byte of the body is
 read:
   1. refuses a request carrying more than one `Authorization` header (400: which one would count?);
-  2. authenticates `/v1` routes (and `/metrics` with `--metrics-auth key`) from the headers alone,
-     so an unknown caller's 300 MiB body is never read (401), and a metrics-only key may do
-     nothing else (403); the principal is left in the request state for the `caller` dependency;
+  2. authenticates `/v1` routes and vLLM's top-level tokenizer routes (and `/metrics` with
+     `--metrics-auth key`) from the headers alone, so an unknown caller's 300 MiB body is never
+     read (401), and a metrics-only key may do nothing else (403); the principal is left in the
+     request state for the `caller` dependency;
   3. refuses a declared `Content-Length` over the route's limit (413), and counts the bytes of a
      body sent without one, stopping at the limit (413 as well);
 and, after the route: turns any exception no handler took into a 500 in OpenAI's error shape
@@ -27,6 +28,13 @@ from loraplex.errors import AdapterTooLarge, Forbidden, LoraplexError, RequestIn
 log = logging.getLogger(__name__)
 
 UPLOAD_PATH = "/v1/adapters"
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})  # vLLM's, outside /v1
+
+
+def needs_key(path: str) -> bool:
+    """Whether `path` is one the gate authenticates as a /v1 route (it may still be open: no keys)."""
+    return path.startswith("/v1/") or path == "/v1" or path in KEYED_PATHS
+
 FORM_OVERHEAD = 1 << 20  # room in an upload for the config, the template and multipart framing
 
 
@@ -89,7 +97,7 @@ class RequestGate:
         if len(authorization) > 1:
             raise RequestInvalid("send exactly one Authorization header; this request has several")
         header = authorization[0].decode("latin-1") if authorization else None
-        if path.startswith("/v1/") or path == "/v1":
+        if needs_key(path):
             principal = self._keys.authenticate(header)
             if principal.role == "metrics":
                 raise Forbidden("this key may only read /metrics")

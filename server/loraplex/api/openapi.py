@@ -16,20 +16,25 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic.json_schema import models_json_schema
 
-from loraplex.api.gate import FORM_OVERHEAD, UPLOAD_PATH
+from loraplex.api.gate import FORM_OVERHEAD, UPLOAD_PATH, needs_key
 from loraplex.api.openapi_requests import bound_requests, upload_form
 from loraplex.api.response_models import DOCUMENTED, SCHEMA_REF, error
 from loraplex.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoraRequest,
     MergeRequest,
+    TokenizeRequest,
     UnloadLoraRequest,
 )
 from loraplex.api.served_facts import ServedFacts
 from loraplex.api.services import Services
 
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, MergeRequest, LoadLoraRequest, UnloadLoraRequest)
+REQUEST_MODELS = (
+    CompletionRequest, ChatCompletionRequest, MergeRequest, LoadLoraRequest, UnloadLoraRequest, TokenizeRequest,
+    DetokenizeRequest,
+)  # fmt: skip
 BEARER = "bearerAuth"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
 
@@ -72,7 +77,7 @@ def build_document(app: FastAPI, facts: ServedFacts) -> dict:
 
 def _description(facts: ServedFacts) -> str:
     auth = (
-        "Every /v1 route needs `Authorization: Bearer <key>`"
+        "Every /v1 route (and vLLM's /tokenize, /detokenize and /tokenizer_info) needs `Authorization: Bearer <key>`"
         + (", and so does /metrics" if facts.protect_metrics else "")
         + "; a tenant key sees its own and the shared adapters, an admin key all of them."
         if facts.api_keys
@@ -112,7 +117,7 @@ def _drop_validation_422(operation: dict) -> None:
 def _needs_key(path: str, facts: ServedFacts) -> bool:
     if not facts.api_keys:
         return False
-    return path.startswith("/v1/") or (path == "/metrics" and facts.protect_metrics)
+    return needs_key(path) or (path == "/metrics" and facts.protect_metrics)
 
 
 def _add_gate_responses(path: str, operation: dict, facts: ServedFacts) -> None:
@@ -131,7 +136,7 @@ def _add_gate_responses(path: str, operation: dict, facts: ServedFacts) -> None:
             if path == "/metrics"
             else "A metrics-only key, which may only read /metrics."
         )
-    if path.startswith("/v1/"):
+    if needs_key(path):  # the routes behind the gate's keys are the ones a drain refuses
         gate[503] = "The server is draining (shutting down); retry on another replica."
     responses = operation["responses"]
     for status, description in gate.items():

@@ -4,7 +4,8 @@ Owns: `bound_requests`, which writes this server's limits into the request schem
 and token-id prompts from max_model_len, text prompts from the longest text that can fit, token
 ids from the vocabulary, choices from --max-queue, adapter names other than the base model's)
 and the rules between fields a schema can state (`if`/`then`: stream_options needs stream,
-max_tokens 0 needs echo, top_logprobs needs logprobs, density and rank by merge method); rules no
+continuous_usage_stats needs include_usage, max_tokens 0 needs echo, top_logprobs needs logprobs,
+density and rank by merge method; `oneOf`: a prompt or messages to tokenize); rules no
 schema can state (a text's length in tokens, best_of equal to n, one weight per adapter, an
 adapter's contents) are written in descriptions. And `upload_form`, the multipart body of
 `POST /v1/adapters`. It must not change what the server accepts: every bound here is one the
@@ -44,16 +45,24 @@ def bound_requests(schemas: dict, facts: ServedFacts) -> None:
         _bound_sampling(schemas[name], facts)
     _bound_completion(schemas["CompletionRequest"], facts)
     _bound_chat(schemas["ChatCompletionRequest"], facts)
+    _require_when(
+        schemas["StreamOptions"], {"continuous_usage_stats": {"const": True}}, {"include_usage": {"const": True}}
+    )
     _bound_adapter_requests(schemas, facts)
+    _bound_tokenizer_requests(schemas, facts)
+
+
+def _model(facts: ServedFacts) -> str:
+    return (
+        f"`{facts.model_name}` (the base model) or the name of an adapter the caller may use "
+        "(GET /v1/models); any other name is a 404."
+    )
 
 
 def _bound_sampling(request: dict, facts: ServedFacts) -> None:
     """What completions and chat share."""
     queue = f" ({facts.max_queue}, --max-queue)" if facts.max_queue is not None else ""
-    model = (
-        f"`{facts.model_name}` (the base model) or the name of an adapter the caller may use "
-        "(GET /v1/models); any other name is a 404."
-    )
+    model = _model(facts)
     choices = f"Choices per prompt; the request's prompts x n must be at most the server's queue{queue}, or it is a 400."
     props = request["properties"]
     _describe(props["model"], model)
@@ -153,6 +162,31 @@ def _bound_adapter_requests(schemas: dict, facts: ServedFacts) -> None:
         unload["lora_name"],
         "An adapter loaded with /v1/load_lora_adapter; one from the adapter store is a 400 (DELETE it instead).",
     )
+
+
+def _bound_tokenizer_requests(schemas: dict, facts: ServedFacts) -> None:
+    """vLLM's /tokenize (one of a prompt or messages) and /detokenize."""
+    tokenize = schemas["TokenizeRequest"]
+    props = tokenize["properties"]
+    _describe(props["model"], f"{_model(facts)} Null or absent: the base model.")
+    text = next(branch for branch in props["prompt"]["anyOf"] if branch.get("type") == "string")
+    text["maxLength"] = facts.max_prompt_chars
+    within = (
+        f"must come to at most max_model_len ({facts.max_model_len}) tokens, which depends on the tokenizer and no "
+        "schema can state (a 400 names the count)"
+    )
+    _describe(props["prompt"], f"Text to tokenize (vLLM's completions form); it {within}.")
+    _describe(props["messages"], f"A chat to render and tokenize (vLLM's chat form); the rendered prompt {within}.")
+    _describe(props["add_special_tokens"], "Default: true with prompt, false with messages (the template adds them).")
+    tokenize["oneOf"] = [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]
+    detokenize = schemas["DetokenizeRequest"]["properties"]
+    _describe(detokenize["model"], f"{_model(facts)} Null or absent: the base model.")
+    detokenize["tokens"]["maxItems"] = facts.max_model_len
+    detokenize["tokens"]["items"]["maximum"] = facts.vocab_size - 1
+    _describe(detokenize["tokens"], f"At most max_model_len ({facts.max_model_len}) ids, each below the vocabulary size.")
 
 
 def _adapter_name(facts: ServedFacts, forbid_base: bool = True) -> dict:

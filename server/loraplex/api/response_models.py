@@ -1,12 +1,12 @@
 """What the server sends, as pydantic models, for the OpenAPI document only.
 
 Owns: the shapes of every body the routes answer with (completions and chat completions, their
-streamed chunks, the model list, adapter records, deletions, health, OpenAI's error body) and the
-`responses=` entries the route decorators declare with them: `errors` (a status with the error
-shape, `Retry-After` on 429 and 503), `event_stream` (the SSE events of a streamed answer). Every
-model forbids extra fields, so a response carrying one the document does not name fails a
-schema check. Routes build their bodies as dicts; nothing here is used to build or validate them
-at run time.
+streamed chunks, the model list and one model, adapter records, deletions, vLLM's tokenizer
+routes, the version, health, OpenAI's error body) and the `responses=` entries the route
+decorators declare with them: `errors` (a status with the error shape, `Retry-After` on 429 and
+503), `event_stream` (the SSE events of a streamed answer). Every model forbids extra fields, so a
+response carrying one the document does not name fails a schema check. Routes build their bodies
+as dicts; nothing here is used to build or validate them at run time.
 """
 
 from typing import Literal
@@ -209,6 +209,40 @@ class AdapterDeleted(_Sent):
     deleted: Literal[True]
 
 
+# ----- vLLM's tokenizer routes, and the version -------------------------------------------------
+
+
+class Tokenized(_Sent):
+    """`POST /tokenize`: the prompt's token ids, as the server would run them."""
+
+    count: int = Field(ge=0)
+    max_model_len: int = Field(ge=1)
+    tokens: list[int]
+    token_strs: list[str] | None = Field(default=None, description="Each token's string; only with return_token_strs.")
+
+
+class Detokenized(_Sent):
+    """`POST /detokenize`: the text of the token ids, special tokens included."""
+
+    prompt: str
+
+
+class TokenizerInfo(_Sent):
+    """`GET /tokenizer_info`: what a remote tokenizer (lm-evaluation-harness's) needs of the base model's."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None = Field(description="The base model's chat template (adapters may bring their own).")
+    model_max_length: int = Field(ge=1, description="The server's max_model_len.")
+
+
+class VersionInfo(_Sent):
+    version: str
+
+
 # ----- health ------------------------------------------------------------------------------------
 
 
@@ -222,7 +256,8 @@ class Unhealthy(_Sent):
 
 DOCUMENTED = (
     ErrorBody, Completion, CompletionChunk, ChatCompletion, ChatCompletionChunk,
-    ModelList, AdapterRecord, AdapterList, AdapterDeleted, Healthy, Unhealthy,
+    ModelList, ModelCard, AdapterRecord, AdapterList, AdapterDeleted, Healthy, Unhealthy,
+    Tokenized, Detokenized, TokenizerInfo, VersionInfo,
 )  # fmt: skip
 
 

@@ -30,6 +30,11 @@ def usage(generation: Generation) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def usage_so_far(generation: Generation, continuous: bool) -> dict:
+    """What a streamed chunk adds: `usage` up to now with `stream_options.continuous_usage_stats`, else nothing."""
+    return {"usage": usage(generation)} if continuous else {}
+
+
 def sse(payload: dict | str) -> str:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)

@@ -1,13 +1,15 @@
 """The request bodies the API accepts, as strict pydantic models.
 
 Owns: field names, types and bounds of every JSON body (OpenAI completions and chat, adapter
-merges, the vLLM-style adapter load/unload), so that malformed input is refused at the door with a
-400 that names the field. Every number is bounded to what the engine can hold (seeds to 64 bits,
-counts to 32 bits; a whole number written `2.0` is the integer 2), every string and list in
-length, and every string must be valid Unicode (a lone surrogate cannot be tokenized or encoded
-back to UTF-8). Unknown fields are refused rather than silently ignored. OpenAI parameters that
-loraplex does not implement are accepted only at their neutral value (e.g. `presence_penalty=0`),
-and refused otherwise with a message saying so; `check_supported` does that.
+merges, the vLLM-style adapter load/unload and tokenizer routes), so that malformed input is
+refused at the door with a 400 that names the field. Every number is bounded to what the engine
+can hold (seeds to 64 bits, counts to 32 bits; a whole number written `2.0` is the integer 2),
+every string and list in length, and every string must be valid Unicode (a lone surrogate cannot
+be tokenized or encoded back to UTF-8). Unknown fields are refused rather than silently ignored.
+OpenAI parameters that loraplex does not implement are accepted only at their neutral value (e.g.
+`presence_penalty=0`), and refused otherwise with a message saying so; `check_supported` does
+that. OpenAI's fields that do not change what is generated (`metadata`, `store`, `service_tier`,
+`user`, ...) are accepted, bounded as OpenAI documents them, and not used.
 """
 
 from typing import Annotated, Literal
@@ -30,6 +32,8 @@ MAX_CONTENT_PARTS = 1024
 MAX_NAME_CHARS = 1024  # model names, message names, tool call ids, users
 MAX_PATH_CHARS = 4096
 MAX_MERGE_WEIGHT = 1e3
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's documented bounds
+MAX_SAFETY_IDENTIFIER_CHARS = 128  # OpenAI's documented bound
 
 
 def _valid_unicode(text: str) -> str:
@@ -52,6 +56,7 @@ def _whole(value: object) -> object:
 WHOLE = BeforeValidator(_whole)  # after an int's Field, so its bounds stay JSON Schema's minimum/maximum
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+ModelName = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1 << 20)]
 # Accepted by name, and only at the neutral value (see check_supported); the schema says so.
@@ -64,13 +69,23 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far (with include_usage)
+    include_obfuscation: bool = True  # OpenAI's padding field; loraplex never sends one
+
+
+Metadata = Annotated[
+    dict[
+        Annotated[Text, Field(max_length=MAX_METADATA_KEY_CHARS)],
+        Annotated[Text, Field(max_length=MAX_METADATA_VALUE_CHARS)],
+    ],
+    Field(max_length=MAX_METADATA_PAIRS),
+]
 
 
 class _Sampling(_Strict):
     """Parameters completions and chat share."""
 
-    model: Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    model: ModelName
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=-1, le=MAX_INT32), WHOLE] = -1
@@ -85,7 +100,14 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI's fields that do not change what is generated: accepted, bounded, not used (nothing is stored).
     user: Name | None = None
+    metadata: Metadata | None = None
+    store: bool | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    safety_identifier: Annotated[Text, Field(max_length=MAX_SAFETY_IDENTIFIER_CHARS)] | None = None
+    prompt_cache_key: Name | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     presence_penalty: Neutral = 0.0
     frequency_penalty: Neutral = 0.0
     logit_bias: Annotated[dict[Name, float], Field(json_schema_extra={"maxProperties": 0})] | None = None
@@ -104,6 +126,18 @@ class _Sampling(_Strict):
             raise RequestInvalid("logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestInvalid("stream_options is only allowed with stream=true", param="stream_options")
+        options = self.stream_options
+        if options is not None and options.continuous_usage_stats and not options.include_usage:
+            raise RequestInvalid(
+                "stream_options.continuous_usage_stats needs stream_options.include_usage=true",
+                param="stream_options.continuous_usage_stats",
+            )
+
+    @property
+    def usage_in_stream(self) -> tuple[bool, bool]:
+        """Whether a stream ends with a usage chunk, and whether every chunk carries the usage so far."""
+        options = self.stream_options or StreamOptions()
+        return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
 PromptText = Annotated[Text, Field(min_length=1)]
@@ -155,6 +189,13 @@ class ResponseFormat(_Strict):
     type: Literal["text"]
 
 
+class Prediction(_Strict):
+    """OpenAI's predicted output: a latency hint that never changes the answer, so it is accepted and not used."""
+
+    type: Literal["content"]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
+
+
 class ChatCompletionRequest(_Sampling):
     """`POST /v1/chat/completions`."""
 
@@ -165,6 +206,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    # Without `tools` (refused as unknown until tool calls exist) parallel_tool_calls changes nothing.
+    parallel_tool_calls: bool | None = None
+    prediction: Prediction | None = None
+    modalities: Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -192,15 +237,49 @@ class MergeRequest(_Strict):
     overwrite: bool = False
 
 
+LoraIntId = Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64), WHOLE]
+
+
 class LoadLoraRequest(_Strict):
-    """vLLM's `POST /v1/load_lora_adapter`."""
+    """vLLM's `POST /v1/load_lora_adapter`; `lora_int_id`, which vLLM clients may send, is not used."""
 
     lora_name: AdapterName
     lora_path: Annotated[Text, Field(min_length=1, max_length=MAX_PATH_CHARS)]
+    lora_int_id: LoraIntId | None = None
 
 
 class UnloadLoraRequest(_Strict):
     """vLLM's `POST /v1/unload_lora_adapter`."""
 
     lora_name: AdapterName
-    lora_int_id: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64), WHOLE] | None = None
+    lora_int_id: LoraIntId | None = None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's `POST /tokenize`: exactly one of `prompt` (its completions form) or `messages` (its chat form).
+
+    `add_special_tokens` defaults as vLLM's: true for a prompt, false for messages (the chat
+    template adds them); `add_generation_prompt` is for messages only.
+    """
+
+    model: ModelName | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise RequestInvalid("send exactly one of prompt (text) and messages (a chat)", param="prompt")
+
+    @property
+    def special_tokens(self) -> bool:
+        return self.add_special_tokens if self.add_special_tokens is not None else self.messages is None
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's `POST /detokenize`."""
+
+    model: ModelName | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=1 << 20)]
