@@ -136,6 +136,7 @@ def shared_adapter(admin, llama) -> dict:
 V1_ROUTES = [
     # (method, path, request fields); {name} is acme's adapter
     ("GET", "/v1/models", {}),
+    ("GET", "/v1/models/{model_id}", {}),
     ("GET", "/v1/adapters", {}),
     ("GET", "/v1/adapters/{name}", {}),
     ("DELETE", "/v1/adapters/{name}", {}),
@@ -159,7 +160,7 @@ def test_the_route_table_covers_every_v1_route(server):
 @pytest.mark.parametrize("method, path, request_fields", ROUTE_CASES)
 def test_every_v1_route_refuses_a_missing_or_unknown_key_with_401(server, a_adapter, key, method, path, request_fields):
     with caller(server, key) as client:
-        response = client.request(method, path.format(name="a-adapter"), **request_fields)
+        response = client.request(method, path.format(name="a-adapter", model_id="a-adapter"), **request_fields)
     error = assert_openai_error(response, 401)
     assert error["type"] == "authentication_error"
 
@@ -169,7 +170,7 @@ def test_every_v1_route_refuses_a_missing_or_unknown_key_with_401(server, a_adap
 def test_a_401_never_echoes_the_key_sent(server, authorization, method, path, request_fields):
     headers = {"Authorization": authorization.format(key=UNKNOWN)}
     with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
-        response = client.request(method, path.format(name="a-adapter"), **request_fields)
+        response = client.request(method, path.format(name="a-adapter", model_id="a-adapter"), **request_fields)
     assert response.status_code == 401
     assert UNKNOWN not in response.text
     assert all(UNKNOWN not in value for value in response.headers.values())

@@ -34,7 +34,6 @@ def with_graphs(engine, sizes):
 
 def test_steps_past_the_largest_bucket_and_prefills_run_eagerly(llama):
     engine = make_engine(llama, kernel_backend="triton")
-    engine.prefetch()  # all three must start together: none may wait on a read from disk
     graphs = with_graphs(engine, [1, 2])
     completions = engine.generate(PROMPTS, ADAPTERS, logits_params())
     assert graphs.replays == 0  # three sequences decode together: no bucket holds them

@@ -144,6 +144,12 @@ def test_the_server_gets_one_gpu():
     assert SERVER_CONTAINER["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_the_host_tier_budget_leaves_most_of_the_memory_limit_to_the_process():
+    limit = SERVER_CONTAINER["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    assert 0 < int(SERVER_ARGS["max-cpu-lora-bytes"]) <= int(limit[:-2]) * (1 << 30) // 2
+
+
 def test_the_server_listens_on_all_interfaces_at_its_container_port():
     assert SERVER_ARGS["host"] == "0.0.0.0"
     assert int(SERVER_ARGS["port"]) == SERVER_PORTS["http"] == 8000

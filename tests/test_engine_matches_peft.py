@@ -62,6 +62,7 @@ def make_engine(setup, quantize="none", **overrides) -> Engine:
     engine = Engine(EngineConfig(**fields))
     for name, path in setup.adapter_dirs.items():
         engine.load_adapter(name, path)
+    engine.prefetch()  # every run starts its requests together: the batches (and so the sums) are alike
     return engine
 
 

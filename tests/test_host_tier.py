@@ -264,8 +264,9 @@ def test_a_pinned_adapter_is_read_at_registration_and_kept(llama):
         engine.step()
     assert engine.adapter_tier(engine.adapters["r8-attn"]) == "host"
     engine.generate([PROMPT, PROMPT], ["r4-qv", "r16-mlp"], GREEDY)
-    assert engine.adapter_tier(engine.adapters["r8-attn"]) == "host"  # a zero budget evicts all but it
-    assert engine.adapter_tier(engine.adapters["r4-qv"]) == "disk"
+    assert engine.adapter_tier(engine.adapters["r8-attn"]) == "host"  # a zero budget evicts all but it ...
+    others = sorted(engine.adapter_tier(engine.adapters[name]) for name in ("r4-qv", "r16-mlp"))
+    assert others == ["device", "disk"]  # ... and the one in the only slot
 
 
 def test_an_indexed_adapter_reads_its_config_and_header_only(llama, monkeypatch):

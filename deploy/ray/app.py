@@ -22,7 +22,7 @@ from ray.serve import Application
 NOT_RAY_SETTINGS = {
     "engine": "give its fields (model, max_loras, ...) as settings",
     "enable_lora": "adapters are what the replicas multiplex",
-    "tenant_weights": "they come from the api_keys file's weights",
+    "tenant_weights": "the Ray app has no API keys or tenants",
     "merge_adapter": "adapters are what the replicas multiplex",
     "host": "Ray's proxy listens (serve start --http-host)",
     "port": "Ray's proxy listens (serve start --http-port)",
@@ -30,6 +30,8 @@ NOT_RAY_SETTINGS = {
     "api_keys": "the Ray app has no API keys or tenants",
     "metrics_auth": "the Ray app has no API keys or tenants",
     "lora_roots": "adapters are loaded from the store only",
+    "lora_modules": "adapters are loaded from the store only",
+    "api_key": "the Ray app has no API keys or tenants",
 }
 ENGINE_SETTINGS = tuple(name for name in EngineConfig.model_fields if name not in NOT_RAY_SETTINGS)
 SERVER_SETTINGS = tuple(name for name in ServerConfig.model_fields if name not in NOT_RAY_SETTINGS)

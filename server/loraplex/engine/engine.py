@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from loraplex.config import EngineConfig
+from loraplex.engine.adapter_tiers import AdapterTiers
 from loraplex.engine.base_model import BaseModel, load_base_model
 from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.front import EngineFront
 from loraplex.engine.fused_projections import fuse_projections
-from loraplex.engine.host_tier import HostLimits, HostState, HostTier
+from loraplex.engine.host_tier import HostState
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.kv_sizing import block_bytes, profile_peak_bytes, size_kv_cache
 from loraplex.engine.lora_layer import LoraContext, module_shapes, wrap_lora_targets
@@ -41,14 +42,11 @@ from loraplex.engine.request import (
 )
 from loraplex.engine.runner import ModelRunner
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
-from loraplex.engine.slot_writer import SlotImage, SlotWriter, make_image
-from loraplex.engine.slots import SlotCache
 from loraplex.engine.stats import EngineObserver, EngineSnapshot
 from loraplex.engine.stream import LoopBridges, Sink
 from loraplex.engine.warmup import check_model_runs
 from loraplex.errors import AdapterNotFound, EngineUnavailable, ModelLoadError, QueueFull
 from loraplex.lora.adapter import LoraAdapter
-from loraplex.lora.index import read_source
 from loraplex.tenancy import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
@@ -89,11 +87,10 @@ class Engine(EngineFront):
         self.module_shapes = module_shapes(self.wrappers)
         self.null_slot = config.max_loras
         self._wake = threading.Event()
-        self.slot_writer = SlotWriter(self.wrappers, self.base.device)
-        limits = HostLimits(config.max_cpu_lora_bytes, config.max_cpu_loras, config.lora_loader_threads)
         self.on_wake: Callable[[], None] | None = None  # also called when an adapter read finishes (engine process)
-        self.host = HostTier(limits, self._read_image, self._make_image, self._loaded)
-        self.slots = SlotCache(config.max_loras, self._write_slot)
+        self.tiers = AdapterTiers(config, self.wrappers, self.module_shapes, self.base.dtype, self.base.device, self._loaded)
+        self.adapters, self.host, self.slots = self.tiers.table, self.tiers.host, self.tiers.slots
+        self.slot_writer = self.tiers.slot_writer
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self._cache_layout = (hf_config.num_hidden_layers, config.block_size, hf_config.num_key_value_heads, head_dim)
         self.ops = make_step_ops(config.kernel_backend, self.base.device)
@@ -114,8 +111,6 @@ class Engine(EngineFront):
             self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy, self.ops
         )
         self.eos_ids = self._eos_ids()
-        self.adapters: dict[str, LoraAdapter] = {}
-        self._retired: list[LoraAdapter] = []
         self._live: dict[str, LiveRequest] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._bridges = LoopBridges(self.cancel)
@@ -190,8 +185,7 @@ class Engine(EngineFront):
         An indexed adapter (`modules` None) is read from its source when a request first needs it
         (or now, when `pin_adapters` names it); one built in memory is laid out at first use.
         """
-        previous = self.adapters.get(adapter.name)
-        self.adapters[adapter.name] = adapter
+        previous = self.tiers.register(adapter)
         if adapter.name in self.config.pin_adapters:
             self._send("pin", adapter)
         if previous is not None:
@@ -238,28 +232,7 @@ class Engine(EngineFront):
 
     def adapter_tier(self, adapter: LoraAdapter) -> str:
         """Where this version is now: device (in a slot), host, loading, failed, or disk."""
-        if adapter.uid in self.snapshot.slot_uids:
-            return "device"
-        state = self.host.state(adapter)
-        return "disk" if state is None else ("host" if state is HostState.READY else state.value)
-
-    def _loaded(self) -> None:
-        """On a loader thread: a read finished; wake the loop so a step takes it up."""
-        self._wake.set()
-        if self.on_wake is not None:
-            self.on_wake()
-
-    def _read_image(self, adapter: LoraAdapter) -> SlotImage:
-        """On a loader thread: an indexed version's weights, read, validated and laid out for the slots."""
-        loaded = read_source(adapter, self.module_shapes, self.config.max_lora_rank, self.dtype)
-        return make_image(loaded, self.dtype, pin=self.slot_writer.pinned)
-
-    def _make_image(self, adapter: LoraAdapter) -> SlotImage:
-        return make_image(adapter, self.dtype, pin=self.slot_writer.pinned)
-
-    def _write_slot(self, slot: int, adapter: LoraAdapter | None) -> None:
-        """The slots' callback: copy the version's host image into `slot` (None clears it)."""
-        self.slot_writer.write(slot, None if adapter is None else self.host.image(adapter))
+        return self.tiers.tier(adapter, self.snapshot.slot_uids)
 
     def remove_adapter(self, name: str) -> None:
         """Forget `name`; requests already running on it finish, then its slot is freed."""
@@ -267,6 +240,12 @@ class Engine(EngineFront):
         if adapter is None:
             raise AdapterNotFound(f"adapter {name!r} is not loaded")
         self._send("retire", adapter)
+
+    def _loaded(self) -> None:
+        """On a loader thread: a read finished; wake the loop so a step takes it up."""
+        self._wake.set()
+        if self.on_wake is not None:
+            self.on_wake()
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -387,21 +366,15 @@ class Engine(EngineFront):
         self._failed_steps = self._failed_steps + 1 if outputs.failures >= len(batch) else 0
         if self._failed_steps >= MAX_FAILED_STEPS:
             raise EngineStopped(f"{MAX_FAILED_STEPS} engine steps in a row failed every request in them; last: {outputs.last_failure}")
-        self._free_retired()
+        self.tiers.free_retired()
         self.num_steps += 1
         self.observer.step(len(batch))
-        for seconds in self.slots.stats.load_seconds:
-            self.observer.adapter_loaded(seconds)
-        self.slots.stats.load_seconds.clear()
         self._publish(time.time())
         return True
 
     def _poll_host(self) -> None:
         """Take up finished adapter reads; fail the waiting requests of a version that could not be read."""
-        failed = self.host.poll(self.slots.is_resident)
-        for seconds in self.host.stats.load_seconds:
-            self.observer.host_loaded(seconds)
-        self.host.stats.load_seconds.clear()
+        failed = self.tiers.poll(self.observer)
         if failed:
             uids = {adapter.uid for adapter in failed}
             for request in [r for r in self.scheduler.waiting if r.adapter is not None and r.adapter.uid in uids]:
@@ -487,16 +460,9 @@ class Engine(EngineFront):
                         self._finish(live.request, FinishReason.ABORT)
                         live.sink(TokenEvent(request_id, None, "", finish_reason=FinishReason.ABORT))
             elif kind == "retire":
-                self._retired.append(payload)
-                self.host.retire(payload)
-                self._free_retired()
+                self.tiers.retire(payload)
         if drained:
             self._publish(self.snapshot.time)
-
-    def _free_retired(self) -> None:
-        if self._retired:
-            freed = [adapter for adapter in self._retired if self.slots.discard(adapter)]
-            self._retired = [adapter for adapter in self._retired if adapter not in freed]
 
     def start(self) -> None:
         """Run the step loop on a background thread (needed by `submit`)."""
