@@ -64,7 +64,7 @@ SHARED = [
     BadInput("n-zero", {"n": 0}, keyword="n", param="n"),
     BadInput("stop-empty-string", {"stop": ""}, keyword="stop", param="stop"),
     BadInput("stop-list-with-empty-string", {"stop": ["\n", ""]}, keyword="stop", param="stop"),
-    BadInput("presence-penalty-unsupported", {"presence_penalty": 1}, keyword="presence_penalty", param="presence_penalty"),
+    BadInput("presence-penalty-above-2", {"presence_penalty": 3}, keyword="presence_penalty", param="presence_penalty"),
     BadInput(
         "stream-options-without-stream",
         {"stream_options": {"include_usage": True}},

@@ -63,7 +63,9 @@ def render_prompt(
     return ids
 
 
-def _params(body: ChatCompletionRequest, prompt: list[int], max_model_len: int) -> list[SamplingParams]:
+def _params(
+    body: ChatCompletionRequest, prompt: list[int], max_model_len: int, vocab_size: int
+) -> list[SamplingParams]:
     if len(prompt) >= max_model_len:
         raise RequestInvalid(
             f"the messages take {len(prompt)} tokens; this model's maximum context length is {max_model_len}",
@@ -77,6 +79,7 @@ def _params(body: ChatCompletionRequest, prompt: list[int], max_model_len: int) 
             param="max_tokens",
         )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    controls = body.controls(vocab_size)
     return [
         SamplingParams(
             max_tokens=wanted,
@@ -88,6 +91,7 @@ def _params(body: ChatCompletionRequest, prompt: list[int], max_model_len: int) 
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            **controls,
         )
         for j in range(body.n)
     ]
@@ -151,7 +155,7 @@ async def create_chat_completion(
     prompt = await run_in_threadpool(
         render_prompt, body.messages, body.add_generation_prompt, record, svc.prompts, svc.chat_templates
     )  # off the loop
-    params = _params(body, prompt, svc.engine.max_model_len)
+    params = _params(body, prompt, svc.engine.max_model_len, svc.engine.vocab_size)
     generation = Generation(svc, principal.tenant, record and record.adapter, [prompt], params)
     generation.start(http_request)
     response_id, created = new_id("chatcmpl"), now()

@@ -46,7 +46,9 @@ def _prompts(body: CompletionRequest, encoder: PromptEncoder) -> list[list[int]]
     return encoded
 
 
-def _params(body: CompletionRequest, prompts: list[list[int]], max_model_len: int) -> list[SamplingParams]:
+def _params(
+    body: CompletionRequest, prompts: list[list[int]], max_model_len: int, vocab_size: int
+) -> list[SamplingParams]:
     longest = max(len(ids) for ids in prompts)
     if longest >= max_model_len:
         raise RequestInvalid(
@@ -60,6 +62,7 @@ def _params(body: CompletionRequest, prompts: list[list[int]], max_model_len: in
             param="max_tokens",
         )
     logprobs = body.logprobs
+    controls = body.controls(vocab_size)
     params = []
     for _ in prompts:
         for j in range(body.n):
@@ -75,6 +78,7 @@ def _params(body: CompletionRequest, prompts: list[list[int]], max_model_len: in
                     ignore_eos=body.ignore_eos,
                     logprobs=logprobs,
                     prompt_logprobs=logprobs if body.echo and logprobs is not None else None,
+                    **controls,
                 )
             )
     return params
@@ -176,7 +180,7 @@ async def create_completion(
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
     prompts = await run_in_threadpool(_prompts, body, svc.prompts)  # long prompts must not stall the loop
-    params = _params(body, prompts, svc.engine.max_model_len)
+    params = _params(body, prompts, svc.engine.max_model_len, svc.engine.vocab_size)
     echo = await run_in_threadpool(_Echo, body, tokenizer, prompts)
     adapter = record and record.adapter
     generation = Generation(svc, principal.tenant, adapter, prompts, params, keep_generated=not echo.drop_generated)

@@ -6,9 +6,10 @@ refused at the door with a 400 that names the field. Every number is bounded to 
 can hold (seeds to 64 bits, counts to 32 bits; a whole number written `2.0` is the integer 2),
 every string and list in length, and every string must be valid Unicode (a lone surrogate cannot
 be tokenized or encoded back to UTF-8). Unknown fields are refused rather than silently ignored.
-OpenAI parameters that loraplex does not implement are accepted only at their neutral value (e.g.
-`presence_penalty=0`), and refused otherwise with a message saying so; `check_supported` does
-that. OpenAI's fields that do not change what is generated (`metadata`, `store`, `service_tier`,
+OpenAI parameters that loraplex does not implement are refused with a message saying so;
+`check_supported` does that. The sampling controls (OpenAI's penalties and `logit_bias`, vLLM's
+`repetition_penalty`, `min_p`, `min_tokens`, ...) are bounded here and again in `SamplingParams`.
+OpenAI's fields that do not change what is generated (`metadata`, `store`, `service_tier`,
 `user`, ...) are accepted, bounded as OpenAI documents them, and not used.
 """
 
@@ -16,6 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from loraplex.engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_REPETITION_PENALTY
 from loraplex.errors import RequestInvalid
 from loraplex.merging import MAX_SEED, MERGE_METHODS
 
@@ -59,8 +61,15 @@ Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
 ModelName = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1 << 20)]
-# Accepted by name, and only at the neutral value (see check_supported); the schema says so.
-Neutral = Annotated[float, Field(json_schema_extra={"minimum": 0, "maximum": 0})]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+# OpenAI's logit_bias: token ids, written as JSON object keys, to biases.
+LogitBias = Annotated[
+    dict[
+        Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+        Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)],
+    ],
+    Field(max_length=MAX_LOGIT_BIAS_TOKENS),
+]
 
 
 class _Strict(BaseModel):
@@ -108,22 +117,42 @@ class _Sampling(_Strict):
     safety_identifier: Annotated[Text, Field(max_length=MAX_SAFETY_IDENTIFIER_CHARS)] | None = None
     prompt_cache_key: Name | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    presence_penalty: Neutral = 0.0
-    frequency_penalty: Neutral = 0.0
-    logit_bias: Annotated[dict[Name, float], Field(json_schema_extra={"maxProperties": 0})] | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias | None = None
+    # vLLM's extra sampling parameters, sent in the same body.
+    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE] = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def controls(self, vocab_size: int) -> dict:
+        """The logits controls as `SamplingParams` fields; RequestInvalid for a biased token outside the vocabulary."""
+        bias = {int(token): value for token, value in (self.logit_bias or {}).items()}
+        outside = next((token for token in bias if token >= vocab_size), None)
+        if outside is not None:
+            raise RequestInvalid(
+                f"logit_bias token id {outside} is not below the vocabulary size ({vocab_size})", param="logit_bias"
+            )
+        return {
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": bias,
+            "min_p": self.min_p,
+            "min_tokens": self.min_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+
     def check_supported(self) -> None:
         """Refuse OpenAI parameters loraplex accepts by name but does not implement."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise RequestInvalid(f"{name} is not supported; leave it at 0", param=name)
-        if self.logit_bias:
-            raise RequestInvalid("logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestInvalid("stream_options is only allowed with stream=true", param="stream_options")
         options = self.stream_options

@@ -21,23 +21,34 @@ class Detokenizer:
         tokenizer: a Hugging Face tokenizer.
         prompt_ids: the prompt, whose last tokens give the first output token its context.
         stop: stop strings, if any.
+        include_stop: keep the stop string that ended the text (vLLM's include_stop_str_in_output).
+        skip_special_tokens: leave special tokens out of the text.
     """
 
     CONTEXT_TOKENS = 5
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: list[int],
+        stop: tuple[str, ...] = (),
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ):
         self._tokenizer = tokenizer
         self._ids = list(prompt_ids[-self.CONTEXT_TOKENS :])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = stop
+        self._include_stop = include_stop
+        self._skip_special_tokens = skip_special_tokens
         self._hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # all text decoded so far (truncated at a stop string)
         self._emitted = 0
         self._stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> TextDelta:
         """Feed one generated token; return what can be emitted now."""
@@ -59,9 +70,10 @@ class Detokenizer:
         if not self._stop:
             return False
         search_from = max(0, self._emitted - self._hold)
-        hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
+        hits = [(i, i + len(s)) for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            start, end = min(hits)
+            self.text = self.text[: end if self._include_stop else start]
             self._stopped = True
         return self._stopped
 

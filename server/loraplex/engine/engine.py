@@ -281,7 +281,10 @@ class Engine(EngineFront):
         request = Request(request_id or uuid.uuid4().hex, prompt_ids, adapter, params, generator, tenant=tenant)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = []
-        live = LiveRequest(request, Detokenizer(self.base.tokenizer, prompt_ids, params.stop), sink or (lambda event: None))
+        detokenizer = Detokenizer(
+            self.base.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+        )
+        live = LiveRequest(request, detokenizer, sink or (lambda event: None))
         self._reserve_queue_place(bounded)  # last: nothing after it can fail, so no place is ever lost
         self._send("add", live)
         return request.request_id

@@ -1,12 +1,13 @@
 """What a step's logits become: each request's token events, and the failures that stay its own.
 
-Owns: `LiveRequest` (a running request with its detokenizer and listener) and `OutputProcessor`,
-which, for one step, checks every sequence's logits are finite (blaming, by `find_culprits`, the
-sequences that break a step alone, and holding back the others to be recomputed), scores prompt
-logprobs, samples, detokenizes, applies stop tokens, stop strings and length limits, and hands
-each request its `TokenEvent`. An error in one request's share fails that request alone, with an
-error event naming it. Scheduling and freeing a finished request are the engine's: it is told
-through `finish`. It never runs the model except to diagnose a broken step.
+Owns: `LiveRequest` (a running request with its detokenizer and listener) and `OutputProcessor`, which,
+for one step, checks every sequence's logits are finite (blaming, by `find_culprits`, the sequences
+that break a step alone, and holding back the others to be recomputed), scores prompt logprobs,
+applies each request's logits controls (penalties, logit_bias, min_tokens), samples, detokenizes,
+applies stop tokens, stop strings and length limits, and hands each request its `TokenEvent`. An
+error in one request's share fails that request alone, with an error event naming it. Scheduling and
+freeing a finished request are the engine's: it is told through `finish`. It never runs the model
+except to diagnose a broken step.
 """
 
 import logging
@@ -20,7 +21,7 @@ from loraplex.engine.culprits import find_culprits
 from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.request import FinishReason, Request, TokenEvent
 from loraplex.engine.runner import LogitRows, ModelRunner
-from loraplex.engine.sampling import sample, token_logprobs
+from loraplex.engine.sampling import apply_controls, sample, token_logprobs
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.engine.step_inputs import to_device
 from loraplex.engine.stream import Sink
@@ -143,15 +144,20 @@ class OutputProcessor:
                 log.exception("could not deliver the error of request %s", request.request_id)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Sample every row at once; if that fails, row by row, failing only the rows that fail."""
+        """Sample every row at once; if that fails, row by row, failing only the rows that fail.
+
+        Logprobs are scored on the raw logits (`logprobs_mode`), before any control changed them.
+        """
         try:
-            return sample(logits, [r.params for r in requests], [r.generator for r in requests])
+            controlled = apply_controls(logits, requests, self._eos_ids)
+            return sample(controlled, [r.params for r in requests], [r.generator for r in requests])
         except Exception:
             log.exception("sampling a step failed; sampling its %d rows one by one", len(requests))
         picked = []
         for row, request in enumerate(requests):
             try:
-                picked.append(sample(logits[row : row + 1], [request.params], [request.generator]))
+                controlled = apply_controls(logits[row : row + 1], [request], self._eos_ids)
+                picked.append(sample(controlled, [request.params], [request.generator]))
             except Exception as exc:
                 self.fail(request, f"sampling request {request.request_id} failed: {type(exc).__name__}: {exc}")
                 picked.append(torch.zeros(1, dtype=torch.long, device=logits.device))
@@ -183,6 +189,8 @@ class OutputProcessor:
         text = ""
         if token in params.stop_token_ids or (token in self._eos_ids and not params.ignore_eos):
             finish = FinishReason.STOP
+            if params.include_stop_str_in_output:
+                text = live.detokenizer.add(token).text
         else:
             delta = live.detokenizer.add(token)
             text = delta.text

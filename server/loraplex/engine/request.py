@@ -17,6 +17,10 @@ from loraplex.lora.adapter import LoraAdapter
 from loraplex.tenancy import DEFAULT_TENANT
 
 GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM draws the same line)
+MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI bounds them
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on one token's bias
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's bound on the tokens one request may bias
 
 
 class FinishReason(str, enum.Enum):
@@ -52,6 +56,16 @@ class SamplingParams:
         ignore_eos: keep going past the model's EOS token.
         logprobs: return each generated token's logprob and this many top alternatives.
         prompt_logprobs: return each prompt token's logprob and this many top alternatives.
+        presence_penalty: subtracted from the logit of every token already generated, in [-2, 2].
+        frequency_penalty: subtracted once per time a token was already generated, in [-2, 2].
+        repetition_penalty: vLLM's: above 1, a token seen in the prompt or the output has a positive
+            logit divided by it and a negative one multiplied by it; in (0, 10].
+        logit_bias: (token id, bias in [-100, 100]) pairs added to the logits, at most 300; a dict
+            or pairs as lists are taken and stored as sorted pairs.
+        min_p: drop tokens less likely than min_p times the most likely one, in [0, 1].
+        min_tokens: the EOS and stop tokens cannot be picked before this many tokens are generated.
+        include_stop_str_in_output: the text keeps the stop string (or stop token) that ended it.
+        skip_special_tokens: leave special tokens out of the text.
     """
 
     max_tokens: int = 16
@@ -64,8 +78,40 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestInvalid(f"{name} must be true or false, got {getattr(self, name)!r}", param=name)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise RequestInvalid(f"{name} must be a finite number, got {value!r}", param=name)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if abs(getattr(self, name)) > MAX_PENALTY:
+                raise RequestInvalid(f"{name} must be in [-2, 2], got {getattr(self, name)}", param=name)
+        if not (0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise RequestInvalid(
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}",
+                param="repetition_penalty",
+            )
+        if not (0 <= self.min_p <= 1):
+            raise RequestInvalid(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+            raise RequestInvalid(f"min_tokens must be an integer, got {self.min_tokens!r}", param="min_tokens")
+        if isinstance(self.max_tokens, int) and not (0 <= self.min_tokens <= self.max_tokens):
+            raise RequestInvalid(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}", param="min_tokens"
+            )
+        object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
         for name in ("max_tokens", "top_k"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise RequestInvalid(f"{name} must be an integer, got {getattr(self, name)!r}")
@@ -93,9 +139,44 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def penalised(self) -> bool:
+        """Whether the logits depend on the tokens seen so far (any penalty)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def controls_logits(self) -> bool:
+        """Whether anything changes the logits before temperature (penalties, bias, min_tokens)."""
+        return self.penalised or bool(self.logit_bias) or self.min_tokens > 0
+
+    @property
     def generator_seed(self) -> int | None:
         """The seed as torch.Generator takes it: any integer, reduced to 64 bits."""
         return None if self.seed is None else self.seed % (1 << 64)
+
+
+def _checked_logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """`bias` (a dict, or (token id, bias) pairs) as sorted pairs, or RequestInvalid naming logit_bias."""
+    try:
+        pairs = list(bias.items()) if isinstance(bias, dict) else [tuple(pair) for pair in bias]
+    except TypeError:
+        raise RequestInvalid(f"logit_bias must map token ids to biases, got {bias!r}", param="logit_bias") from None
+    if len(pairs) > MAX_LOGIT_BIAS_TOKENS:
+        raise RequestInvalid(
+            f"logit_bias may hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(pairs)}", param="logit_bias"
+        )
+    checked = {}
+    for pair in pairs:
+        if len(pair) != 2:
+            raise RequestInvalid(f"logit_bias entries must be (token id, bias) pairs, got {pair!r}", param="logit_bias")
+        token, value = pair
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise RequestInvalid(f"logit_bias keys must be token ids >= 0, got {token!r}", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RequestInvalid(f"logit_bias values must be finite numbers, got {value!r}", param="logit_bias")
+        if abs(value) > MAX_LOGIT_BIAS:
+            raise RequestInvalid(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+        checked[token] = float(value)
+    return tuple(sorted(checked.items()))
 
 
 TopLogprobs = list[tuple[int, float]]
@@ -183,6 +264,7 @@ class Request:
     slot_bypassed: int = 0  # later adapter requests admitted while this one waited for a slot
     finish_reason: FinishReason | None = None
     prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None  # scored so far, when asked for
+    token_counts: object = None  # sampling.TokenCounts, built on the first step a penalty needs it
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

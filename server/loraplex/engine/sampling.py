@@ -1,14 +1,171 @@
 """Turning a step's logits into tokens and logprobs: small pure functions over tensors.
 
-Owns: greedy, temperature, top-k and top-p sampling with per-request generators (so a seeded
-request draws the same tokens whatever shares its step), and logprob extraction. It holds no
-state; the engine passes each row's params and generator.
+Owns: the logits controls (min_tokens masking, logit_bias, repetition, frequency and presence
+penalties, in vLLM's order), greedy, temperature, min-p, top-k and top-p sampling with
+per-request generators (so a seeded request draws the same tokens whatever shares its step), and
+logprob extraction. Every control is one tensor op over the step's [N, V] rows, each row with its
+own values; Python only loops over a step's requests to build small index tensors. Rows that ask
+for no control are never touched (a step with none does no extra work at all).
+
+The penalties need each request's token counts. They live on the device, one `TokenCounts` per
+penalised request ([V] generated-token counts and a [V] prompt mask), built once from its ids on
+the first step that needs them and then caught up with the tokens appended since (normally one
+per step). Rebuilding an [N, V] count tensor from every output id each step would cost O(output
+length) Python and host-to-device copying per request per step; the kept counts cost one small
+scatter per request per step and V int32s of memory per penalised request. The function holds no
+other state; counts stay correct across preemption because output ids never shrink.
 """
+
+from dataclasses import dataclass
 
 import torch
 
-from loraplex.engine.request import SamplingParams, TopLogprobs
+from loraplex.engine.request import Request, SamplingParams, TopLogprobs
 from loraplex.engine.step_inputs import to_device
+
+
+@dataclass(eq=False)
+class TokenCounts:
+    """One request's tokens so far, on the device, for its penalties.
+
+    Args:
+        output: [V] int32, times each token was generated.
+        prompt: [V] bool, whether each token is in the prompt.
+        counted: output tokens counted in `output`.
+    """
+
+    output: torch.Tensor
+    prompt: torch.Tensor
+    counted: int
+
+    @classmethod
+    def of(cls, prompt_ids: list[int], vocab: int, device: torch.device) -> "TokenCounts":
+        (ids,) = to_device([[t for t in prompt_ids if t < vocab]], torch.long, device)
+        prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
+        prompt[ids] = True
+        return cls(torch.zeros(vocab, dtype=torch.int32, device=device), prompt, 0)
+
+    def catch_up(self, output_ids: list[int]) -> None:
+        """Count the output tokens appended since the last call."""
+        new = [t for t in output_ids[self.counted :] if t < self.output.shape[0]]
+        self.counted = len(output_ids)
+        if new:
+            (ids,) = to_device([new], torch.long, self.output.device)
+            self.output.index_put_((ids,), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    output_counts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+) -> torch.Tensor:
+    """vLLM's penalties: repetition over prompt and output tokens, then frequency and presence over output tokens.
+
+    Args:
+        logits: [M, V] logits.
+        output_counts: [M, V] int, times each token was generated.
+        prompt_mask: [M, V] bool, tokens of the prompt.
+        repetition: [M] float > 0; 1 is none.
+        frequency: [M] float; 0 is none.
+        presence: [M] float; 0 is none.
+    """
+    seen = prompt_mask | (output_counts > 0)  # [M, V]
+    scale = torch.where(logits > 0, 1 / repetition[:, None], repetition[:, None])  # [M, V]
+    logits = torch.where(seen, logits * scale, logits)
+    counts = output_counts.to(logits.dtype)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Add `bias[j]` to `logits[rows[j], ids[j]]` for every entry j.
+
+    Args:
+        logits: [M, V].
+        rows, ids: [E] long, where each bias goes.
+        bias: [E], the biases.
+    """
+    return logits.index_put((rows, ids), bias.to(logits.dtype), accumulate=True)
+
+
+def mask_tokens(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Set `logits[rows[j], ids[j]]` to -inf for every entry j (rows and ids: [E] long)."""
+    return logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below `min_p` times the row's highest (logits: [M, V]; min_p: [M])."""
+    probs = logits.softmax(dim=-1)
+    floor = probs.max(dim=-1, keepdim=True).values * min_p[:, None]  # [M, 1]
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
+def apply_controls(logits: torch.Tensor, requests: list[Request], eos_ids: set[int]) -> torch.Tensor:
+    """The logits after each request's min_tokens mask, logit_bias and penalties; `logits` itself is unchanged.
+
+    Args:
+        logits: [N, V] raw logits, one row per request.
+        requests: each row's request (its params, prompt and output so far).
+        eos_ids: the model's end-of-sequence tokens, masked with the stop tokens before min_tokens.
+
+    Returns:
+        [N, V] logits; `logits` itself when no request asks for a control.
+    """
+    controlled = [i for i, r in enumerate(requests) if r.params.controls_logits]
+    if not controlled:
+        return logits
+    vocab, device = logits.shape[-1], logits.device
+    mask_rows, mask_ids, bias_rows, bias_ids, biases = [], [], [], [], []
+    for j, i in enumerate(controlled):
+        params = requests[i].params
+        if len(requests[i].output_ids) < params.min_tokens:
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+            stops = sorted(t for t in stops if t < vocab)
+            mask_rows += [j] * len(stops)
+            mask_ids += stops
+        kept = [(t, b) for t, b in params.logit_bias if t < vocab]
+        bias_rows += [j] * len(kept)
+        bias_ids += [t for t, _ in kept]
+        biases += [b for _, b in kept]
+    (index,) = to_device([controlled], torch.long, device)
+    rows = logits.index_select(0, index)  # [M, V]
+    if mask_ids:
+        rows = mask_tokens(rows, *to_device((mask_rows, mask_ids), torch.long, device))
+    if biases:
+        (bias,) = to_device([biases], logits.dtype, device)
+        rows = apply_logit_bias(rows, *to_device((bias_rows, bias_ids), torch.long, device), bias)
+    penalised = [j for j, i in enumerate(controlled) if requests[i].params.penalised]
+    if penalised:
+        counts = []
+        for j in penalised:
+            request = requests[controlled[j]]
+            if request.token_counts is None:
+                request.token_counts = TokenCounts.of(request.prompt_ids, vocab, device)
+            request.token_counts.catch_up(request.output_ids)
+            counts.append(request.token_counts)
+        chosen = [requests[controlled[j]].params for j in penalised]
+        repetition, frequency, presence = to_device(
+            (
+                [p.repetition_penalty for p in chosen],
+                [p.frequency_penalty for p in chosen],
+                [p.presence_penalty for p in chosen],
+            ),
+            logits.dtype,
+            device,
+        )
+        (where,) = to_device([penalised], torch.long, device)
+        penalties = apply_penalties(
+            rows.index_select(0, where),
+            torch.stack([c.output for c in counts]),
+            torch.stack([c.prompt for c in counts]),
+            repetition,
+            frequency,
+            presence,
+        )
+        rows = rows.index_copy(0, where, penalties)
+    return logits.index_copy(0, index, rows)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -54,6 +211,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     )
     rows = logits.index_select(0, index)  # [M, V]
     rows = rows / temperature[:, None]
+    if any(params[i].min_p > 0 for i in random_rows):
+        (min_p,) = to_device([[params[i].min_p for i in random_rows]], logits.dtype, logits.device)
+        rows = apply_min_p(rows, min_p)
     if any(0 < params[i].top_k < vocab or params[i].top_p < 1 for i in random_rows):
         rows = apply_top_k_top_p(rows, top_k, top_p)
     probs = rows.softmax(dim=-1)
