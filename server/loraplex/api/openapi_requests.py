@@ -70,9 +70,12 @@ def _bound_sampling(request: dict, facts: ServedFacts) -> None:
     _describe(props["n"], choices)
     _require_when(request, {"stream_options": {"type": "object"}}, {"stream": {"const": True}})
     _describe(props["stream_options"], "Only with stream true.")
-    _describe(props["presence_penalty"], "Not supported: only 0 is accepted.")
-    _describe(props["frequency_penalty"], "Not supported: only 0 is accepted.")
-    _describe(props["logit_bias"], "Not supported: only null or {} is accepted.")
+    _describe(props["presence_penalty"], "Subtracted once from the logit of every token generated so far (OpenAI's).")
+    _describe(props["frequency_penalty"], "Subtracted from each token's logit once per time it was generated (OpenAI's).")
+    _describe(
+        props["logit_bias"],
+        f"Token id (below the vocabulary size, {facts.vocab_size}) to a bias added to its logit; at most 300 entries.",
+    )
 
 
 def _bound_completion(completion: dict, facts: ServedFacts) -> None:
