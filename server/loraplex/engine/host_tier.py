@@ -89,6 +89,7 @@ class HostTier:
         self.stats = HostStats()
         self.bytes = 0  # of READY images
         self.ready_count = 0
+        self._loading = 0  # entries LOADING
         self.generation = 0  # bumped at every change of a version's state: what tells a snapshot is stale
         self.record_changes = False  # keep `changes` (an engine process reports them to the server)
         self.changes: dict[str, str | None] = {}  # uid -> its new state's value (None: gone), since taken
@@ -147,7 +148,8 @@ class HostTier:
         return None if entry is None else entry.error
 
     def loading(self) -> int:
-        return sum(1 for entry in self._entries.values() if entry.state is HostState.LOADING)
+        """Reads in flight (kept as a count: the snapshot reads it every step)."""
+        return self._loading
 
     # ----- the engine's step boundary -----------------------------------------------------
 
@@ -170,6 +172,7 @@ class HostTier:
 
     def _take_up(self, entry: _Entry) -> None:
         future, entry.future = entry.future, None
+        self._loading -= 1
         try:
             image = future.result()
         except LoraplexError as exc:
@@ -205,6 +208,7 @@ class HostTier:
             entry.permanent = True
             self._ready(entry, self._image(adapter))
             return entry
+        self._loading += 1
         entry.future = self._pool.submit(self._read, adapter)
         entry.future.add_done_callback(lambda _, done=entry: self._done(done))
         self._changed(adapter.uid, HostState.LOADING.value)
