@@ -2,25 +2,26 @@
 
 Owns: rendering messages into a prompt (the adapter directory's chat template when it carries
 one, else the base tokenizer's; either way in `ChatTemplateRenderer`'s sandbox processes, never
-in this one), per-choice sampling parameters, and the chat response and chunk formats, with
-OpenAI's `logprobs.content` entries (`token`, `logprob`, `bytes`, `top_logprobs`).
+in this one), per-choice sampling parameters, and `ChatResponder`: the chat response and chunk
+formats, with OpenAI's `logprobs.content` entries (`token`, `logprob`, `bytes`, `top_logprobs`).
+How the request runs and streams is route.py's, shared with completions.
 """
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
 from loraplex.api.chat_template import ChatTemplateRenderer
-from loraplex.api.generation import ENGINE_CUT, QUEUE_FULL, Choice, Generation
+from loraplex.api.generation import ENGINE_CUT, QUEUE_FULL, Choice
 from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.response_models import ChatCompletion, ChatCompletionChunk, errors, generated
-from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage, usage_so_far
+from loraplex.api.responses import finish_reason, token_strings
+from loraplex.api.route import Plan, choice_params, respond, token_budget
 from loraplex.api.schemas import ChatCompletionRequest, ChatMessage
 from loraplex.api.services import Services, services
-from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
+from loraplex.engine.request import SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import RequestInvalid
 from loraplex.service.catalog import AdapterRecord
 from loraplex.tenancy import Principal
@@ -63,38 +64,10 @@ def render_prompt(
     return ids
 
 
-def _params(
-    body: ChatCompletionRequest, prompt: list[int], max_model_len: int, vocab_size: int
-) -> list[SamplingParams]:
-    if len(prompt) >= max_model_len:
-        raise RequestInvalid(
-            f"the messages take {len(prompt)} tokens; this model's maximum context length is {max_model_len}",
-            param="messages",
-        )
-    wanted = body.token_limit if body.token_limit is not None else max_model_len - len(prompt)
-    if len(prompt) + wanted > max_model_len:
-        raise RequestInvalid(
-            f"the messages ({len(prompt)} tokens) plus max_tokens ({wanted}) exceed the maximum context length "
-            f"({max_model_len})",
-            param="max_tokens",
-        )
+def _params(body: ChatCompletionRequest, prompt: list[int], max_model_len: int, vocab_size: int) -> list[SamplingParams]:
+    wanted = token_budget(len(prompt), body.token_limit, max_model_len, "the messages", "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    controls = body.controls(vocab_size)
-    return [
-        SamplingParams(
-            max_tokens=wanted,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=max(body.top_k, 0),
-            seed=None if body.seed is None else body.seed + j,
-            stop=body.stop_strings(),
-            stop_token_ids=tuple(body.stop_token_ids or ()),
-            ignore_eos=body.ignore_eos,
-            logprobs=logprobs,
-            **controls,
-        )
-        for j in range(body.n)
-    ]
+    return choice_params(body, vocab_size, max_tokens=wanted, logprobs=logprobs)
 
 
 def _content_logprobs(tokenizer, ids: list[int], logprobs: list[float], tops: list[TopLogprobs]) -> list[dict]:
@@ -115,16 +88,42 @@ def _content_logprobs(tokenizer, ids: list[int], logprobs: list[float], tops: li
     return entries
 
 
-def _choice_json(choice: Choice, body: ChatCompletionRequest, tokenizer) -> dict:
-    logprobs = None
-    if body.logprobs:
-        logprobs = {"content": _content_logprobs(tokenizer, choice.token_ids, choice.logprobs, choice.top_logprobs)}
-    return {
-        "index": choice.index,
-        "message": {"role": "assistant", "content": choice.text},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason(choice),
-    }
+class ChatResponder:
+    """Chat's wording: `message` in a response, `delta` in a chunk (the role first), `logprobs.content`."""
+
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, body: ChatCompletionRequest, tokenizer):
+        self._body = body
+        self._tokenizer = tokenizer
+
+    def choice(self, choice: Choice) -> dict:
+        logprobs = None
+        if self._body.logprobs:
+            entries = _content_logprobs(self._tokenizer, choice.token_ids, choice.logprobs, choice.top_logprobs)
+            logprobs = {"content": entries}
+        return {
+            "index": choice.index,
+            "message": {"role": "assistant", "content": choice.text},
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(choice),
+        }
+
+    def opening(self, choice: Choice) -> dict:
+        return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, choice: Choice, event: TokenEvent) -> dict | None:
+        reason = finish_reason(choice)
+        logprobs = None
+        if self._body.logprobs and event.token_id is not None:
+            entries = _content_logprobs(self._tokenizer, [event.token_id], [event.logprob], [event.top_logprobs or []])
+            logprobs = {"content": entries}
+        if not event.text and reason is None and logprobs is None:
+            return None
+        delta = {"content": event.text} if event.text else {}
+        return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
 
 @router.post(
@@ -151,55 +150,9 @@ async def create_chat_completion(
 ):
     body.check_supported()
     record = resolve_model(svc, principal, body.model)
-    tokenizer = svc.engine.base.tokenizer
     prompt = await run_in_threadpool(
         render_prompt, body.messages, body.add_generation_prompt, record, svc.prompts, svc.chat_templates
     )  # off the loop
     params = _params(body, prompt, svc.engine.max_model_len, svc.engine.vocab_size)
-    generation = Generation(svc, principal.tenant, record and record.adapter, [prompt], params)
-    generation.start(http_request)
-    response_id, created = new_id("chatcmpl"), now()
-    if body.stream:
-        return StreamingResponse(_stream(generation, body, response_id, created), media_type="text/event-stream")
-    choices = await generation.collect()
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "choices": [_choice_json(choice, body, tokenizer) for choice in choices],
-        "usage": usage(generation),
-    }
-
-
-async def _stream(generation: Generation, body: ChatCompletionRequest, response_id: str, created: int):
-    tokenizer = generation.tokenizer
-    include_usage, continuous = body.usage_in_stream
-    base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-
-    def chunk(index: int, delta: dict, logprobs=None, reason=None) -> str:
-        choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
-        return sse({**base, "choices": choices, **usage_so_far(generation, continuous)})
-
-    try:
-        for choice in generation.choices:
-            yield chunk(choice.index, {"role": "assistant", "content": ""})
-        async for choice, event in generation.events():
-            if choice.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                yield sse(error_event(choice))
-                return
-            reason = finish_reason(choice)
-            logprobs = None
-            if body.logprobs and event.token_id is not None:
-                entries = _content_logprobs(tokenizer, [event.token_id], [event.logprob], [event.top_logprobs or []])
-                logprobs = {"content": entries}
-            if not event.text and reason is None and logprobs is None:
-                continue
-            yield chunk(choice.index, {"content": event.text} if event.text else {}, logprobs, reason)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(generation)})
-        yield sse("[DONE]")
-    except Exception:  # the status line is sent: end the stream with an error event, not a broken body
-        yield stream_failed()
-    finally:
-        generation.close()
+    plan = Plan([prompt], params, ChatResponder(body, svc.engine.base.tokenizer))
+    return await respond(svc, principal.tenant, record and record.adapter, body, plan, http_request)

@@ -3,23 +3,24 @@
 Owns: turning a `CompletionRequest` into token-id prompts and per-choice sampling parameters
 (prompts x n, seeds offset per choice), `echo` with prompt logprobs (what lm-evaluation-harness's
 loglikelihood tasks read, `max_tokens=0` included), and the response and chunk formats with
-OpenAI's `logprobs` block (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
+OpenAI's `logprobs` block (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), in
+`CompletionResponder`. How the request runs and streams is route.py's, shared with chat.
 """
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.api.auth import caller
-from loraplex.api.generation import ENGINE_CUT, QUEUE_FULL, Choice, Generation
+from loraplex.api.generation import ENGINE_CUT, QUEUE_FULL, Choice
 from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.response_models import Completion, CompletionChunk, errors, generated
-from loraplex.api.responses import error_event, finish_reason, new_id, now, sse, stream_failed, token_strings, usage, usage_so_far
+from loraplex.api.responses import finish_reason, token_strings
+from loraplex.api.route import Plan, choice_params, respond, token_budget
 from loraplex.api.schemas import CompletionRequest
 from loraplex.api.services import Services, services
-from loraplex.engine.request import FinishReason, SamplingParams, TopLogprobs
+from loraplex.engine.request import SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import RequestInvalid
 from loraplex.tenancy import Principal
 
@@ -46,42 +47,13 @@ def _prompts(body: CompletionRequest, encoder: PromptEncoder) -> list[list[int]]
     return encoded
 
 
-def _params(
-    body: CompletionRequest, prompts: list[list[int]], max_model_len: int, vocab_size: int
-) -> list[SamplingParams]:
-    longest = max(len(ids) for ids in prompts)
-    if longest >= max_model_len:
-        raise RequestInvalid(
-            f"the prompt has {longest} tokens; this model's maximum context length is {max_model_len}", param="prompt"
-        )
-    wanted = body.max_tokens if body.max_tokens is not None else max_model_len - longest
-    if longest + wanted > max_model_len:
-        raise RequestInvalid(
-            f"the prompt ({longest} tokens) plus max_tokens ({wanted}) exceeds the maximum context length "
-            f"({max_model_len})",
-            param="max_tokens",
-        )
+def _params(body: CompletionRequest, prompts: list[list[int]], max_model_len: int, vocab_size: int) -> list[SamplingParams]:
+    wanted = token_budget(max(len(ids) for ids in prompts), body.max_tokens, max_model_len, "the prompt", "prompt")
     logprobs = body.logprobs
-    controls = body.controls(vocab_size)
-    params = []
-    for _ in prompts:
-        for j in range(body.n):
-            params.append(
-                SamplingParams(
-                    max_tokens=max(wanted, 1),  # echo with max_tokens=0 scores the prompt and drops the token
-                    temperature=body.temperature,
-                    top_p=body.top_p,
-                    top_k=max(body.top_k, 0),
-                    seed=None if body.seed is None else body.seed + j,
-                    stop=body.stop_strings(),
-                    stop_token_ids=tuple(body.stop_token_ids or ()),
-                    ignore_eos=body.ignore_eos,
-                    logprobs=logprobs,
-                    prompt_logprobs=logprobs if body.echo and logprobs is not None else None,
-                    **controls,
-                )
-            )
-    return params
+    prompt_logprobs = logprobs if body.echo and logprobs is not None else None
+    # echo with max_tokens=0 scores the prompt and drops the one token generated
+    per_prompt = choice_params(body, vocab_size, max_tokens=max(wanted, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    return per_prompt * len(prompts)
 
 
 def _top_dict(tokenizer, chosen: int, chosen_logprob: float | None, top: TopLogprobs) -> dict[str, float]:
@@ -141,17 +113,50 @@ class _Echo:
         return [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored]
 
 
-def _choice_json(choice: Choice, echo: _Echo, body: CompletionRequest, tokenizer) -> dict:
-    token_ids, text = choice.token_ids, choice.text
-    logprobs, tops = choice.logprobs, choice.top_logprobs
-    prompt_text = echo.prompt_text(choice)
-    block = None
-    if body.logprobs is not None:
-        prompt_lps, prompt_tops = echo.prompt_scores(choice)
-        ids = (choice.prompt_ids if echo.enabled else []) + token_ids
-        block = _logprobs_block(tokenizer, ids, prompt_lps + logprobs, prompt_tops + tops, 0)
-    reason = "length" if echo.drop_generated else finish_reason(choice)
-    return {"index": choice.index, "text": prompt_text + text, "logprobs": block, "finish_reason": reason}
+class CompletionResponder:
+    """Completions' wording: `text` (after the echoed prompt) and the `logprobs` block, whole or per chunk."""
+
+    object = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, body: CompletionRequest, tokenizer, echo: _Echo):
+        self._body = body
+        self._tokenizer = tokenizer
+        self._echo = echo
+        self._started: set[int] = set()  # choices whose first chunk (with the echoed prompt) is sent
+
+    def choice(self, choice: Choice) -> dict:
+        echo = self._echo
+        block = None
+        if self._body.logprobs is not None:
+            prompt_lps, prompt_tops = echo.prompt_scores(choice)
+            ids = (choice.prompt_ids if echo.enabled else []) + choice.token_ids
+            block = _logprobs_block(self._tokenizer, ids, prompt_lps + choice.logprobs, prompt_tops + choice.top_logprobs, 0)
+        reason = "length" if echo.drop_generated else finish_reason(choice)
+        return {"index": choice.index, "text": echo.prompt_text(choice) + choice.text, "logprobs": block, "finish_reason": reason}
+
+    def opening(self, choice: Choice) -> None:
+        return None
+
+    def delta(self, choice: Choice, event: TokenEvent) -> dict | None:
+        echo = self._echo
+        first = choice.index not in self._started
+        self._started.add(choice.index)
+        text, ids, lps, tops = event.text, [], [], []
+        if event.token_id is not None and not echo.drop_generated:
+            ids, lps, tops = [event.token_id], [event.logprob], [event.top_logprobs]
+        else:
+            text = ""
+        if first and echo.enabled:
+            text = echo.prompt_text(choice) + text
+            prompt_lps, prompt_tops = echo.prompt_scores(choice)
+            ids, lps, tops = choice.prompt_ids + ids, prompt_lps + lps, prompt_tops + tops
+        reason = "length" if echo.drop_generated and choice.finish_reason else finish_reason(choice)
+        if not text and reason is None and (self._body.logprobs is None or not ids):
+            return None
+        block = _logprobs_block(self._tokenizer, ids, lps, tops, 0) if self._body.logprobs is not None else None
+        return {"index": choice.index, "text": text, "logprobs": block, "finish_reason": reason}
 
 
 @router.post(
@@ -182,54 +187,5 @@ async def create_completion(
     prompts = await run_in_threadpool(_prompts, body, svc.prompts)  # long prompts must not stall the loop
     params = _params(body, prompts, svc.engine.max_model_len, svc.engine.vocab_size)
     echo = await run_in_threadpool(_Echo, body, tokenizer, prompts)
-    adapter = record and record.adapter
-    generation = Generation(svc, principal.tenant, adapter, prompts, params, keep_generated=not echo.drop_generated)
-    generation.start(http_request)
-    response_id, created = new_id("cmpl"), now()
-    if body.stream:
-        return StreamingResponse(_stream(generation, body, echo, response_id, created), media_type="text/event-stream")
-    choices = await generation.collect()
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "choices": [_choice_json(choice, echo, body, tokenizer) for choice in choices],
-        "usage": usage(generation),
-    }
-
-
-async def _stream(generation: Generation, body: CompletionRequest, echo: _Echo, response_id: str, created: int):
-    tokenizer = generation.tokenizer
-    include_usage, continuous = body.usage_in_stream
-    started: set[int] = set()
-    base = {"id": response_id, "object": "text_completion", "created": created, "model": body.model}
-    try:
-        async for choice, event in generation.events():
-            if choice.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-                yield sse(error_event(choice))
-                return
-            first = choice.index not in started
-            started.add(choice.index)
-            text, ids, lps, tops = event.text, [], [], []
-            if event.token_id is not None and not echo.drop_generated:
-                ids, lps, tops = [event.token_id], [event.logprob], [event.top_logprobs]
-            else:
-                text = ""
-            if first and echo.enabled:
-                text = echo.prompt_text(choice) + text
-                prompt_lps, prompt_tops = echo.prompt_scores(choice)
-                ids, lps, tops = choice.prompt_ids + ids, prompt_lps + lps, prompt_tops + tops
-            reason = "length" if echo.drop_generated and choice.finish_reason else finish_reason(choice)
-            if not text and reason is None and (body.logprobs is None or not ids):
-                continue
-            block = _logprobs_block(tokenizer, ids, lps, tops, 0) if body.logprobs is not None else None
-            choices = [{"index": choice.index, "text": text, "logprobs": block, "finish_reason": reason}]
-            yield sse({**base, "choices": choices, **usage_so_far(generation, continuous)})
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(generation)})
-        yield sse("[DONE]")
-    except Exception:  # the status line is sent: end the stream with an error event, not a broken body
-        yield stream_failed()
-    finally:
-        generation.close()
+    plan = Plan(prompts, params, CompletionResponder(body, tokenizer, echo), keep_generated=not echo.drop_generated)
+    return await respond(svc, principal.tenant, record and record.adapter, body, plan, http_request)

@@ -91,7 +91,7 @@ Metadata = Annotated[
 ]
 
 
-class _Sampling(_Strict):
+class SamplingBody(_Strict):
     """Parameters completions and chat share."""
 
     model: ModelName
@@ -172,7 +172,7 @@ class _Sampling(_Strict):
 PromptText = Annotated[Text, Field(min_length=1)]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingBody):
     """`POST /v1/completions`."""
 
     prompt: (
@@ -225,7 +225,7 @@ class Prediction(_Strict):
     content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingBody):
     """`POST /v1/chat/completions`."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
