@@ -309,6 +309,40 @@ def test_echo_returns_each_prompt_of_a_batch_as_sent_streaming_too(client, token
     assert next(iter(stream)).choices[0].text.startswith("hello")
 
 
+
+def _pieces_at_offsets(text: str, logprobs) -> list[str]:
+    """The text each token's text_offset points at, as long as the token's own text."""
+    return [text[offset : offset + len(token)] for token, offset in zip(logprobs.tokens, logprobs.text_offset)]
+
+
+def test_echo_text_offsets_index_the_returned_text(client):
+    prompt = "hello world, the quick fox"
+    choice = client.completions.create(model=BASE, prompt=prompt, max_tokens=4, echo=True, logprobs=1, temperature=0).choices[0]
+    offsets, tokens = choice.logprobs.text_offset, choice.logprobs.tokens
+    assert offsets[0] == 0 and tokens[0] == "<s>"  # the BOS the tokenizer added stands before the text
+    prompt_tokens = len(tokens) - len(choice.logprobs.token_logprobs[-4:])
+    assert _pieces_at_offsets(choice.text, choice.logprobs)[1:prompt_tokens] == tokens[1:prompt_tokens]
+    assert offsets == sorted(offsets) and offsets[prompt_tokens] == len(prompt)  # generated tokens follow the prompt
+
+
+def test_streamed_text_offsets_index_the_whole_text(client):
+    prompt = "the lazy dog"
+    stream = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=6, echo=True, logprobs=0, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    text, tokens, offsets = "", [], []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+        if chunk.choices:
+            text += chunk.choices[0].text
+    whole = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=6, echo=True, logprobs=0, temperature=0, extra_body={"ignore_eos": True}
+    ).choices[0]
+    assert text == whole.text and tokens == whole.logprobs.tokens
+    assert offsets == whole.logprobs.text_offset
+
 # ----- vLLM's adapter management ------------------------------------------------------------------
 
 

@@ -68,11 +68,17 @@ def _top_dict(tokenizer, chosen: int, chosen_logprob: float | None, top: TopLogp
     return entries
 
 
-def _logprobs_block(tokenizer, ids: list[int], logprobs: list, tops: list, start_offset: int) -> dict:
-    """OpenAI's completions `logprobs`: one entry per token (prompt tokens first when echoing)."""
+def _logprobs_block(tokenizer, ids: list[int], logprobs: list, tops: list, offsets: list[int], position: int) -> dict:
+    """OpenAI's completions `logprobs`: one entry per token (prompt tokens first when echoing).
+
+    Args:
+        ids, logprobs, tops: each token's id, logprob and alternatives.
+        offsets: where the first tokens (the echoed prompt's) start in the choice's text.
+        position: where the token after them starts; each later one starts after the previous one's text.
+    """
     texts = token_strings(tokenizer, ids)
-    offsets, position = [], start_offset
-    for text in texts:
+    offsets = list(offsets)
+    for text in texts[len(offsets) :]:
         offsets.append(position)
         position += len(text)
     top_dicts = [
@@ -82,11 +88,29 @@ def _logprobs_block(tokenizer, ids: list[int], logprobs: list, tops: list, start
     return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top_dicts, "text_offset": offsets}
 
 
+def _prompt_offsets(tokenizer, text: str, ids: list[int]) -> list[int]:
+    """Where each of `ids` starts in `text`, the prompt as sent (a special token the tokenizer added: where it stands).
+
+    The tokenizer's offset mapping gives them when it reproduces `ids` from `text`; otherwise (a
+    tokenizer without offsets) each token starts after the previous one's text.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        if encoded["input_ids"] == ids:
+            return [start for start, _ in encoded["offset_mapping"]]
+    offsets, position = [], 0
+    for piece in token_strings(tokenizer, ids):
+        offsets.append(position)
+        position += len(piece)
+    return offsets
+
+
 class _Echo:
     """What echo adds in front of a choice: the prompt as sent, and its tokens' logprobs.
 
     A text prompt is echoed as it came (not decoded back, which would show the special tokens the
-    tokenizer added, e.g. `<s>`); token ids are decoded as they are. Decoding runs on the thread pool.
+    tokenizer added, e.g. `<s>`); token ids are decoded as they are. With logprobs, each prompt
+    token's `text_offset` indexes that text, as OpenAI's do. Built on the thread pool.
     """
 
     def __init__(self, body: CompletionRequest, tokenizer, prompts: list[list[int]]):
@@ -94,6 +118,7 @@ class _Echo:
         self.drop_generated = body.echo and body.max_tokens == 0
         self._n = body.n
         self._texts: list[str] = []
+        self._offsets: list[list[int]] = []
         if not self.enabled:
             return
         if isinstance(body.prompt, str):
@@ -102,9 +127,15 @@ class _Echo:
             self._texts = list(body.prompt)
         else:
             self._texts = [tokenizer.decode(ids) for ids in prompts]
+        if body.logprobs is not None:
+            self._offsets = [_prompt_offsets(tokenizer, text, ids) for text, ids in zip(self._texts, prompts)]
 
     def prompt_text(self, choice: Choice) -> str:
         return self._texts[choice.index // self._n] if self.enabled else ""
+
+    def prompt_offsets(self, choice: Choice) -> list[int]:
+        """Where each echoed prompt token starts in the choice's text (none without echo or logprobs)."""
+        return self._offsets[choice.index // self._n] if self._offsets else []
 
     def prompt_scores(self, choice: Choice) -> tuple[list, list]:
         if not self.enabled or choice.prompt_logprobs is None:
@@ -124,7 +155,8 @@ class CompletionResponder:
         self._body = body
         self._tokenizer = tokenizer
         self._echo = echo
-        self._started: set[int] = set()  # choices whose first chunk (with the echoed prompt) is sent
+        # per choice that has started streaming: the text_offset of its next generated token
+        self._position: dict[int, int] = {}
 
     def choice(self, choice: Choice) -> dict:
         echo = self._echo
@@ -132,7 +164,14 @@ class CompletionResponder:
         if self._body.logprobs is not None:
             prompt_lps, prompt_tops = echo.prompt_scores(choice)
             ids = (choice.prompt_ids if echo.enabled else []) + choice.token_ids
-            block = _logprobs_block(self._tokenizer, ids, prompt_lps + choice.logprobs, prompt_tops + choice.top_logprobs, 0)
+            block = _logprobs_block(
+                self._tokenizer,
+                ids,
+                prompt_lps + choice.logprobs,
+                prompt_tops + choice.top_logprobs,
+                echo.prompt_offsets(choice),
+                len(echo.prompt_text(choice)),
+            )
         reason = "length" if echo.drop_generated else finish_reason(choice)
         return {"index": choice.index, "text": echo.prompt_text(choice) + choice.text, "logprobs": block, "finish_reason": reason}
 
@@ -141,8 +180,9 @@ class CompletionResponder:
 
     def delta(self, choice: Choice, event: TokenEvent) -> dict | None:
         echo = self._echo
-        first = choice.index not in self._started
-        self._started.add(choice.index)
+        first = choice.index not in self._position
+        position = self._position.setdefault(choice.index, len(echo.prompt_text(choice)))
+        offsets: list[int] = []
         text, ids, lps, tops = event.text, [], [], []
         if event.token_id is not None and not echo.drop_generated:
             ids, lps, tops = [event.token_id], [event.logprob], [event.top_logprobs]
@@ -152,10 +192,15 @@ class CompletionResponder:
             text = echo.prompt_text(choice) + text
             prompt_lps, prompt_tops = echo.prompt_scores(choice)
             ids, lps, tops = choice.prompt_ids + ids, prompt_lps + lps, prompt_tops + tops
+            offsets = echo.prompt_offsets(choice)
         reason = "length" if echo.drop_generated and choice.finish_reason else finish_reason(choice)
         if not text and reason is None and (self._body.logprobs is None or not ids):
             return None
-        block = _logprobs_block(self._tokenizer, ids, lps, tops, 0) if self._body.logprobs is not None else None
+        block = None
+        if self._body.logprobs is not None:
+            block = _logprobs_block(self._tokenizer, ids, lps, tops, offsets, position)
+            if len(ids) > len(offsets):
+                self._position[choice.index] = block["text_offset"][-1] + len(block["tokens"][-1])
         return {"index": choice.index, "text": text, "logprobs": block, "finish_reason": reason}
 
 
