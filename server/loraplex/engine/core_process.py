@@ -104,7 +104,7 @@ class EngineCore:
         while not self.stopping:
             # Wait only when the last step ran nothing: for a frame, a finished adapter read
             # (the wake pipe), or, with work waiting, at most IDLE_SECONDS.
-            timeout = 0 if ran else (IDLE_SECONDS if engine.scheduler.has_work() else None)
+            timeout = 0 if ran else (IDLE_SECONDS if engine.has_work() else None)
             try:
                 frames = self._reader.read(timeout)
             except EOFError:
@@ -113,7 +113,7 @@ class EngineCore:
             try:
                 for frame in frames:
                     self.handle(frame)
-                ran = engine.step() if frames or engine.scheduler.has_work() else False
+                ran = engine.step() if frames or engine.has_work() else False
             except BaseException as exc:  # the engine's state can no longer be trusted
                 engine.halt(exc)
                 self.report()

@@ -25,6 +25,7 @@ from loraplex.engine.base_model import BaseModel, load_base_model
 from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.front import EngineFront
 from loraplex.engine.fused_projections import fuse_projections
+from loraplex.engine.grammar import GrammarMatchers
 from loraplex.engine.host_tier import HostState
 from loraplex.engine.kv_cache import KVCache
 from loraplex.engine.kv_sizing import block_bytes, profile_peak_bytes, size_kv_cache
@@ -112,6 +113,7 @@ class Engine(EngineFront):
         )
         self.eos_ids = self._eos_ids()
         self._live: dict[str, LiveRequest] = {}
+        self.grammars = GrammarMatchers(self.base.tokenizer, self.eos_ids, self._loaded)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._bridges = LoopBridges(self.cancel)
         self._thread: threading.Thread | None = None
@@ -121,7 +123,7 @@ class Engine(EngineFront):
         self._queued_lock = threading.Lock()
         self.outputs = OutputProcessor(
             self.runner, self.null_slot, self.eos_ids, self.max_model_len, config.logprobs_mode == "raw_logits",
-            self._live, self._finish, lambda request, gap: self.observer.token(request, gap),
+            self._live, self._finish, lambda request, gap: self.observer.token(request, gap), self.grammars,
         )  # fmt: skip
         self.num_steps = 0
         self._failed_steps = 0  # consecutive steps in which every request failed
@@ -242,7 +244,7 @@ class Engine(EngineFront):
         self._send("retire", adapter)
 
     def _loaded(self) -> None:
-        """On a loader thread: a read finished; wake the loop so a step takes it up."""
+        """On a loader or grammar thread: a read or a matcher's build finished; wake the loop so a step takes it up."""
         self._wake.set()
         if self.on_wake is not None:
             self.on_wake()
@@ -328,7 +330,7 @@ class Engine(EngineFront):
             collected[request_id] = events
             ids.append(request_id)
         self._drain_inbox()
-        while self.scheduler.has_work():
+        while self.has_work():
             if not self.step():  # every waiting request waits for its adapter's read
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -348,6 +350,7 @@ class Engine(EngineFront):
         self._drain_inbox()
         self._poll_host()
         batch = self.scheduler.schedule()
+        self._poll_grammars()
         if not batch:
             self._publish_host_changes()
             return False
@@ -384,6 +387,18 @@ class Engine(EngineFront):
                 self._fail_on_adapter(request)
 
     def _fail_on_adapter(self, request: Request) -> None:
+    def has_work(self) -> bool:
+        """Whether a request is queued, running, or waiting for its grammar's matcher."""
+        return self.scheduler.has_work() or self.grammars.pending > 0
+
+    def _poll_grammars(self) -> None:
+        """Queue the constrained requests whose matcher is built; fail those whose grammar could not be built."""
+        ready, failed = self.grammars.poll()
+        for request in ready:
+            self.scheduler.add(request)
+        for request, reason in failed:
+            self.outputs.fail(request, f"request {request.request_id}: {reason}", error_type="RequestInvalid")
+
         error = self.host.error(request.adapter)
         self.outputs.fail(request, f"adapter {request.adapter.name!r} cannot be served: {error}", error_type=type(error).__name__)
 
@@ -432,6 +447,7 @@ class Engine(EngineFront):
         if request.adapter is not None:
             self.host.release(request.adapter)
         self._live.pop(request.request_id, None)
+        self.grammars.free(request)
         self.observer.finished(request, time.monotonic())
 
     # ----- inbox and background loop --------------------------------------------------------
@@ -451,7 +467,10 @@ class Engine(EngineFront):
             if kind == "add":
                 request = payload.request
                 self._live[request.request_id] = payload
-                self.scheduler.add(request)
+                if request.params.grammar is None:
+                    self.scheduler.add(request)
+                else:
+                    self.grammars.build(request)  # the scheduler gets it once its matcher is built
                 if request.adapter is not None and self.host.acquire(request.adapter) is HostState.FAILED:
                     self._fail_on_adapter(request)
             elif kind == "pin":

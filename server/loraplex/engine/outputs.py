@@ -3,8 +3,10 @@
 Owns: `LiveRequest` (a running request with its detokenizer and listener) and `OutputProcessor`, which,
 for one step, checks every sequence's logits are finite (blaming, by `find_culprits`, the sequences
 that break a step alone, and holding back the others to be recomputed), scores prompt logprobs,
-applies each request's logits controls (penalties, logit_bias, min_tokens), samples, detokenizes,
-applies stop tokens, stop strings and length limits, and hands each request its `TokenEvent`. An
+masks constrained requests' rows to their grammar's tokens (grammar.py fills the bitmask), applies
+each request's logits controls (penalties, logit_bias, min_tokens), samples, advances each grammar
+with its token (a complete grammar ends the request with `stop`), detokenizes, applies stop tokens,
+stop strings and length limits, and hands each request its `TokenEvent`. An
 error in one request's share fails that request alone, with an error event naming it. Scheduling and
 freeing a finished request are the engine's: it is told through `finish`. It never runs the model
 except to diagnose a broken step.
@@ -19,9 +21,10 @@ import torch
 
 from loraplex.engine.culprits import find_culprits
 from loraplex.engine.detokenizer import Detokenizer
+from loraplex.engine.grammar import GrammarMatchers
 from loraplex.engine.request import FinishReason, Request, TokenEvent
 from loraplex.engine.runner import LogitRows, ModelRunner
-from loraplex.engine.sampling import apply_controls, sample, token_logprobs
+from loraplex.engine.sampling import apply_controls, apply_token_bitmask, sample, token_logprobs
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.engine.step_inputs import to_device
 from loraplex.engine.stream import Sink
@@ -49,6 +52,7 @@ class OutputProcessor:
         live: the engine's requests by id (shared: the engine adds them, `finish` removes them).
         finish: ends a request with a reason (frees its KV blocks and slot, counts it).
         observe_token: told of every generated token and the gap since the request's previous one.
+        grammars: fills the bitmasks of constrained requests (those with a matcher).
     """
 
     def __init__(
@@ -61,7 +65,9 @@ class OutputProcessor:
         live: dict[str, LiveRequest],
         finish: Callable[[Request, FinishReason], None],
         observe_token: Callable[[Request, float | None], None],
+        grammars: GrammarMatchers | None = None,
     ):
+        self._grammars = grammars
         self._runner = runner
         self._null_slot = null_slot
         self._eos_ids = eos_ids
@@ -146,22 +152,32 @@ class OutputProcessor:
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Sample every row at once; if that fails, row by row, failing only the rows that fail.
 
-        Logprobs are scored on the raw logits (`logprobs_mode`), before any control changed them.
+        Logprobs are scored on the raw logits (`logprobs_mode`), before a grammar or any control changed them.
         """
         try:
-            controlled = apply_controls(logits, requests, self._eos_ids)
+            controlled = apply_controls(self._mask_grammars(logits, requests), requests, self._eos_ids)
             return sample(controlled, [r.params for r in requests], [r.generator for r in requests])
         except Exception:
             log.exception("sampling a step failed; sampling its %d rows one by one", len(requests))
         picked = []
         for row, request in enumerate(requests):
             try:
-                controlled = apply_controls(logits[row : row + 1], [request], self._eos_ids)
+                masked = self._mask_grammars(logits[row : row + 1], [request])
+                controlled = apply_controls(masked, [request], self._eos_ids)
                 picked.append(sample(controlled, [request.params], [request.generator]))
             except Exception as exc:
                 self.fail(request, f"sampling request {request.request_id} failed: {type(exc).__name__}: {exc}")
                 picked.append(torch.zeros(1, dtype=torch.long, device=logits.device))
         return torch.cat(picked)
+
+    def _mask_grammars(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """`logits` ([N, V]) with each constrained row masked to its grammar's tokens; itself when none is constrained."""
+        constrained = [i for i, r in enumerate(requests) if r.matcher is not None]
+        if not constrained:
+            return logits
+        bitmask = self._grammars.fill_bitmask([requests[i] for i in constrained])  # [M, W] int32, CPU
+        (rows,) = to_device([constrained], torch.long, logits.device)
+        return apply_token_bitmask(logits, rows, bitmask.to(logits.device))
 
     def _guarded(self, request: Request, work: Callable[[], None]) -> None:
         """Run one request's share of post-processing; an error fails that request only."""
@@ -183,6 +199,7 @@ class OutputProcessor:
         gap = None if request.last_token_time is None else now - request.last_token_time
         request.first_token_time = request.first_token_time or now
         request.last_token_time = now
+        complete = request.matcher is not None and GrammarMatchers.advance(request, token)
         request.output_ids.append(token)
         params = request.params
         finish = None
@@ -196,6 +213,8 @@ class OutputProcessor:
             text = delta.text
             if delta.stopped:
                 finish = FinishReason.STOP
+        if finish is None and complete:
+            finish = FinishReason.STOP
         if finish is None and (len(request.output_ids) >= params.max_tokens or request.num_tokens >= self._max_model_len):
             finish = FinishReason.LENGTH
         self._observe_token(request, gap)

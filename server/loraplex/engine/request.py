@@ -21,6 +21,7 @@ MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI bounds them
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on one token's bias
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's bound on the tokens one request may bias
+MAX_GRAMMAR_CHARS = 1 << 20  # an llguidance grammar string; the API's own bounds on what it is built from are tighter
 
 
 class FinishReason(str, enum.Enum):
@@ -66,6 +67,9 @@ class SamplingParams:
         min_tokens: the EOS and stop tokens cannot be picked before this many tokens are generated.
         include_stop_str_in_output: the text keeps the stop string (or stop token) that ended it.
         skip_special_tokens: leave special tokens out of the text.
+        grammar: an llguidance grammar string (api/structured_output.py builds and validates it):
+            only tokens it allows are sampled, EOS only where it accepts, and the request ends
+            with `stop` once it is complete. None leaves the output unconstrained.
     """
 
     max_tokens: int = 16
@@ -86,6 +90,7 @@ class SamplingParams:
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
@@ -129,6 +134,12 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise RequestInvalid(f"{name} must be >= 0, got {value}")
+        if self.grammar is not None and (
+            not isinstance(self.grammar, str) or not self.grammar or len(self.grammar) > MAX_GRAMMAR_CHARS
+        ):
+            raise RequestInvalid(
+                f"grammar must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters", param="grammar"
+            )
         if any(not s for s in self.stop):
             raise RequestInvalid("stop strings must not be empty")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
@@ -265,6 +276,7 @@ class Request:
     finish_reason: FinishReason | None = None
     prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None  # scored so far, when asked for
     token_counts: object = None  # sampling.TokenCounts, built on the first step a penalty needs it
+    matcher: object = None  # llguidance.LLMatcher of a constrained request, once grammar.py built it
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -14,6 +14,11 @@ per step). Rebuilding an [N, V] count tensor from every output id each step woul
 length) Python and host-to-device copying per request per step; the kept counts cost one small
 scatter per request per step and V int32s of memory per penalised request. The function holds no
 other state; counts stay correct across preemption because output ids never shrink.
+
+Grammars (structured outputs) reach the sampler as a packed bitmask of the constrained rows,
+which grammar.py fills; `apply_token_bitmask` unpacks it on the device and sets every other
+token's logit to -inf, before the controls, so greedy and sampled requests, penalties and
+logit_bias all pick among the grammar's tokens alone. Logprobs stay the raw model's.
 """
 
 from dataclasses import dataclass
@@ -93,6 +98,28 @@ def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor
 def mask_tokens(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Set `logits[rows[j], ids[j]]` to -inf for every entry j (rows and ids: [E] long)."""
     return logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` with every token a row's bitmask does not allow set to -inf; other rows are unchanged.
+
+    Args:
+        logits: [N, V] logits.
+        rows: [M] long, the constrained rows.
+        bitmask: [M, W] int32 on `logits`' device: bit j of word w allows token 32 * w + j. Tokens
+            past 32 * W (a model vocabulary larger than its tokenizer's) are never allowed.
+
+    Returns:
+        [N, V], a new tensor.
+    """
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [M, W, 32]
+    allowed = bits.flatten(1).bool()[:, :vocab]  # [M, min(32 W, V)]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))  # [M, V], the rest refused
+    constrained = logits.index_select(0, rows).masked_fill(~allowed, float("-inf"))  # [M, V]
+    return logits.index_copy(0, rows, constrained)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Grammar matchers of constrained requests: built off the engine thread, stepped with their tokens.
+
+Owns: `GrammarMatchers`, the engine's side of structured outputs. A request whose params carry a
+`grammar` (an llguidance grammar string the API layer built and validated: api/structured_output.py)
+gets an `llguidance.LLMatcher` built on a small thread pool, so the step never waits for one; the
+engine holds the request back from the scheduler until its matcher is ready (`poll`), as the
+scheduler passes over a request whose adapter is still being read. Matchers are copied
+(`deep_copy`) from a template per grammar string, kept in a bounded LRU, so a repeated schema
+costs one build. The llguidance tokenizer is built once, from the base's Hugging Face tokenizer,
+on the pool when the first grammar needs it. Each step, `fill_bitmask` computes the
+[M, ceil(V/32)] int32 bitmask of the constrained rows (in parallel, on llguidance's own threads,
+with its parser limits bounding each mask's work), and `advance` feeds the matcher the sampled
+token. The matcher lives on the `Request`, so preemption (recompute) leaves it consistent: output
+ids never shrink and the matcher has consumed exactly them.
+
+It knows token ids and grammar strings, never request text or JSON schemas, and never touches the
+scheduler, the KV cache or the model.
+"""
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+from loraplex.engine.request import Request
+
+log = logging.getLogger(__name__)
+
+BUILD_THREADS = 2  # matchers built at once (llguidance drops the GIL while it builds)
+MASK_THREADS = 2  # llguidance's threads filling a step's masks
+TEMPLATE_CACHE_SIZE = 128  # grammars whose built matcher is kept to copy from
+
+
+def parser_limits() -> llguidance.LLParserLimits:
+    """llguidance's limits, the same on both sides: they bound a grammar's size and each mask's work."""
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
+def grammar_tokenizer(hf_tokenizer, eos_ids: set[int] | None = None) -> llguidance.LLTokenizer:
+    """The llguidance tokenizer of a Hugging Face fast tokenizer (about a second for a large vocabulary).
+
+    Args:
+        hf_tokenizer: the base's tokenizer.
+        eos_ids: the model's end-of-sequence tokens, which a grammar allows where it accepts;
+            the tokenizer's own EOS when None or empty.
+    """
+    eos = sorted(eos_ids) if eos_ids else None
+    return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos)
+
+
+@dataclass(eq=False)
+class _Build:
+    request: Request
+    future: Future
+
+
+class GrammarMatchers:
+    """The matchers of the engine's constrained requests.
+
+    Args:
+        hf_tokenizer: the base's Hugging Face tokenizer.
+        eos_ids: the model's end-of-sequence tokens.
+        wake: called on a pool thread when a matcher is built (or fails), so the engine takes it up.
+    """
+
+    def __init__(self, hf_tokenizer, eos_ids: set[int], wake: Callable[[], None]):
+        self._hf_tokenizer = hf_tokenizer
+        self._eos_ids = eos_ids
+        self._wake = wake
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()  # the tokenizer's first build and the template cache
+        self._templates: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self._executor: llguidance.LLExecutor | None = None
+        self._builds: dict[str, _Build] = {}  # request id -> its matcher being built
+
+    @property
+    def pending(self) -> int:
+        """Requests whose matcher is still being built (or built and not yet taken up)."""
+        return len(self._builds)
+
+    def build(self, request: Request) -> None:
+        """Start building `request`'s matcher on the pool; `poll` hands the request back once it is ready."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(BUILD_THREADS, thread_name_prefix="loraplex-grammar")
+        future = self._pool.submit(self._matcher, request.params.grammar)
+        self._builds[request.request_id] = _Build(request, future)
+        future.add_done_callback(lambda _: self._wake())
+
+    def poll(self) -> tuple[list[Request], list[tuple[Request, str]]]:
+        """The requests whose matcher is now built (set on them), and those whose grammar could not be built, with why.
+
+        Requests finished meanwhile (cancelled) are dropped.
+        """
+        ready, failed = [], []
+        for request_id, build in list(self._builds.items()):
+            if not build.future.done():
+                continue
+            del self._builds[request_id]
+            if build.request.finished:
+                continue
+            try:
+                build.request.matcher = build.future.result()
+            except Exception as exc:
+                failed.append((build.request, f"its grammar cannot be enforced: {exc}"))
+            else:
+                ready.append(build.request)
+        return ready, failed
+
+    def free(self, request: Request) -> None:
+        """Forget `request`'s matcher (finished or cancelled); a build in flight is dropped when it ends."""
+        self._builds.pop(request.request_id, None)
+        request.matcher = None
+
+    def fill_bitmask(self, requests: list[Request]) -> torch.Tensor:
+        """The next-token bitmask of each request, on the CPU.
+
+        Args:
+            requests: M requests, each with a matcher.
+
+        Returns:
+            [M, ceil(V_tok / 32)] int32: bit j of word w of row i allows token 32 * w + j, over the
+            tokenizer's vocabulary V_tok.
+        """
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(MASK_THREADS)
+        bitmask = llguidance.torch.allocate_token_bitmask(len(requests), self._tokenizer.vocab_size)
+        llguidance.torch.fill_next_token_bitmask_par(
+            self._executor, [(request.matcher, row) for row, request in enumerate(requests)], bitmask
+        )
+        return bitmask
+
+    @staticmethod
+    def advance(request: Request, token: int) -> bool:
+        """Feed `request`'s matcher the token it sampled; returns whether the grammar is complete.
+
+        Raises:
+            ValueError: the grammar refused the token (it was masked, so only a broken mask does this).
+        """
+        matcher = request.matcher
+        if not matcher.consume_token(token):
+            raise ValueError(f"the grammar refused token {token}: {matcher.get_error()}")
+        return matcher.is_stopped()
+
+    def _matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """On a pool thread: a fresh matcher for `grammar`, copied from its cached template."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = grammar_tokenizer(self._hf_tokenizer, self._eos_ids)
+            template = self._templates.get(grammar)
+            if template is not None:
+                self._templates.move_to_end(grammar)
+                return template.deep_copy()
+        template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=parser_limits())
+        if template.is_error():
+            raise ValueError(template.get_error())
+        with self._lock:
+            self._templates[grammar] = template
+            while len(self._templates) > TEMPLATE_CACHE_SIZE:
+                self._templates.popitem(last=False)
+            return template.deep_copy()
