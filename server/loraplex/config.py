@@ -80,6 +80,10 @@ class EngineConfig(BaseModel):
         default=False,
         description="Replay decode steps from CUDA graphs, one per batch-size bucket (Triton kernels on CUDA; not yet verified on a GPU).",
     )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV blocks of a prompt prefix already computed for the same adapter version (same outputs).",
+    )
     lora_strategy: Literal["auto", "dense", "gather", "segment"] = Field(
         default="auto",
         description="How a step's LoRA deltas are computed: auto picks the cheapest per layer; the others force one.",

@@ -66,6 +66,8 @@ SNAPSHOT_COUNTERS = (  # CounterMetricFamily adds the _total suffix
     ("loraplex_adapter_evictions", "adapter_evictions", "Adapters evicted from a device slot to make room."),
     ("loraplex_adapter_cache_lookups", "adapter_lookups", "Requests for an adapter's device slot."),
     ("loraplex_adapter_cache_hits", "adapter_hits", "Slot requests served by an adapter already in a slot."),
+    ("loraplex_prefix_cache_queries", "prefix_cache_queries", "Tokens of the requests looked up in the prefix cache."),
+    ("loraplex_prefix_cache_hits", "prefix_cache_hits", "Of those tokens, the ones whose KV blocks were cached."),
 )
 
 

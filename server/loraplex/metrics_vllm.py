@@ -2,7 +2,9 @@
 
 Owns: `VllmCompatCollector`, which exports, from the same engine snapshot as loraplex's own
 gauges, `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`
-(labelled `model_name` and `engine`, as vLLM labels them) and `vllm:lora_requests_info` (one
+and the counters `vllm:prefix_cache_queries` and `vllm:prefix_cache_hits` (tokens; `_total`
+in the exposition) (labelled `model_name` and `engine`, as vLLM labels them) and
+`vllm:lora_requests_info` (one
 series per scrape: `max_lora`, and the comma-joined adapters with at least one running or
 waiting request; the value is the time of the latest step). The Gateway API Inference
 Extension's endpoint picker reads exactly these to route by queue depth, KV-cache use and
@@ -11,7 +13,7 @@ adapter affinity. Enabled with `--metrics-compat vllm`; it adds series and chang
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from loraplex.engine.stats import EngineSnapshot
@@ -43,6 +45,13 @@ class VllmCompatCollector(Collector):
             family = GaugeMetricFamily(name, documentation, labels=labels)
             family.add_metric(values, value)
             yield family
+        for name, value, documentation in (
+            ("vllm:prefix_cache_queries", state.prefix_cache_queries, "Prefix cache queries, in terms of number of queried tokens."),
+            ("vllm:prefix_cache_hits", state.prefix_cache_hits, "Prefix cache hits, in terms of number of cached tokens."),
+        ):
+            counter = CounterMetricFamily(name, documentation, labels=labels)
+            counter.add_metric(values, value)
+            yield counter
         lora_info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running stats on lora requests.",

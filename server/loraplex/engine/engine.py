@@ -106,14 +106,15 @@ class Engine(EngineFront):
             max_slot_bypass=config.max_num_seqs if config.max_slot_bypass is None else config.max_slot_bypass,
             fair=config.scheduling == "fair",
             tenant_weights=config.tenant_weights,
+            prefix_caching=config.enable_prefix_caching,
         )
         self.scheduler = Scheduler(limits, self.kv_cache, self.slots, self.host)
         self.runner = ModelRunner(
             self.base.model, self.kv_cache, self.lora_context, self.base.device, config.max_lora_rank, config.lora_strategy, self.ops
         )
         self.eos_ids = self._eos_ids()
-        self._live: dict[str, LiveRequest] = {}
         self.grammars = GrammarMatchers(self.base.tokenizer, self.eos_ids, self._loaded)
+        self._live: dict[str, LiveRequest] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._bridges = LoopBridges(self.cancel)
         self._thread: threading.Thread | None = None
@@ -349,8 +350,8 @@ class Engine(EngineFront):
         """
         self._drain_inbox()
         self._poll_host()
-        batch = self.scheduler.schedule()
         self._poll_grammars()
+        batch = self.scheduler.schedule()
         if not batch:
             self._publish_host_changes()
             return False
@@ -386,7 +387,6 @@ class Engine(EngineFront):
             for request in [r for r in self.scheduler.waiting if r.adapter is not None and r.adapter.uid in uids]:
                 self._fail_on_adapter(request)
 
-    def _fail_on_adapter(self, request: Request) -> None:
     def has_work(self) -> bool:
         """Whether a request is queued, running, or waiting for its grammar's matcher."""
         return self.scheduler.has_work() or self.grammars.pending > 0
@@ -399,6 +399,7 @@ class Engine(EngineFront):
         for request, reason in failed:
             self.outputs.fail(request, f"request {request.request_id}: {reason}", error_type="RequestInvalid")
 
+    def _fail_on_adapter(self, request: Request) -> None:
         error = self.host.error(request.adapter)
         self.outputs.fail(request, f"adapter {request.adapter.name!r} cannot be served: {error}", error_type=type(error).__name__)
 
@@ -437,6 +438,8 @@ class Engine(EngineFront):
             host_hits=host_stats.hits,
             host_misses=host_stats.misses,
             host_failures=host_stats.failures,
+            prefix_cache_queries=scheduler.prefix_cache.queries,
+            prefix_cache_hits=scheduler.prefix_cache.hits,
         )
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
@@ -444,10 +447,10 @@ class Engine(EngineFront):
         if request.first_scheduled_time is None:
             self._release_queue_place()
         self.scheduler.finish(request)
+        self.grammars.free(request)
         if request.adapter is not None:
             self.host.release(request.adapter)
         self._live.pop(request.request_id, None)
-        self.grammars.free(request)
         self.observer.finished(request, time.monotonic())
 
     # ----- inbox and background loop --------------------------------------------------------

@@ -4,34 +4,47 @@ Owns: the K and V tensors of every layer, shaped `[(num_blocks + 1) * block_size
 (a flat view of `[num_blocks + 1, block_size, ...]`, so a token's cache slot is `block * block_size +
 offset`), and the free list of blocks. Sequences of any length and position share a step because
 each one reads its context through its own block table. What a sequence owns is the scheduler's
-business; this module only counts blocks.
+business; this module only counts blocks. Blocks holding a cached prefix are the prefix cache's
+(prefix_cache.py): the allocator counts its idle ones as free and takes them, least recently
+used first, only when its own free list is empty.
 """
 
 import torch
 
+from loraplex.engine.prefix_cache import PrefixCache
+
 
 class BlockAllocator:
-    """A free list of KV blocks."""
+    """A free list of KV blocks, beside the prefix cache's reusable ones."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self.prefix_cache = PrefixCache()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out: never-cached free ones and cached ones nobody holds."""
+        return len(self._free) + self.prefix_cache.num_idle
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"asked for {count} KV blocks with {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
+        if count > self.num_free:
+            raise RuntimeError(f"asked for {count} KV blocks with {self.num_free} free")
+        taken = min(count, len(self._free))
+        return [self._free.pop() for _ in range(taken)] + self.prefix_cache.evict(count - taken)
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """A block table lets `blocks` go: cached ones stay cached (idle once nobody holds them)."""
+        self._free.extend(reversed(self.prefix_cache.release(blocks)))
+
+    def forget(self, blocks: list[int]) -> None:
+        """Uncache `blocks`, whose K/V cannot be trusted (a failed request wrote them)."""
+        self._free.extend(reversed(self.prefix_cache.forget(blocks)))
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
+        """The fraction of blocks held by requests (idle cached blocks count as free, as vLLM counts them)."""
+        return 1.0 - self.num_free / self.num_blocks
 
 
 class KVCache:

@@ -15,6 +15,13 @@ pins. Policy, in order, every step:
    memory is passed over, without limit, until it is there. A request whose adapter cannot get a slot (every slot is pinned by
    running requests) waits. Later requests whose adapters are already resident may pass it, but
    only `max_slot_bypass` times; after that admission is strictly in order, so none starves.
+3. With prefix caching (prefix_cache.py), a request admitted takes the longest run of its full
+   blocks already cached for its adapter version (blocks finished or preempted requests left,
+   or blocks a request scheduled earlier in this very step writes: every layer writes the step's
+   K/V before it attends, so a sibling reads them exactly), keeping at least its last token to
+   compute, since its next token needs that token's logits; a request asking for prompt logprobs
+   looks nothing up, as every prompt token must be scored. Every full block a scheduled chunk
+   completes is cached as it is scheduled. A preempted request recomputes through the cache.
 
 It never runs the model and never touches text.
 """
@@ -25,7 +32,8 @@ from dataclasses import dataclass
 from loraplex.engine.fair_queue import FairQueue
 from loraplex.engine.host_tier import HostTier
 from loraplex.engine.kv_cache import KVCache
-from loraplex.engine.request import Request, RequestStatus
+from loraplex.engine.prefix_cache import extend_keys
+from loraplex.engine.request import FinishReason, Request, RequestStatus
 from loraplex.engine.slots import SlotCache
 
 
@@ -50,6 +58,7 @@ class SchedulerLimits:
     max_slot_bypass: int
     fair: bool = True  # tenants by virtual token counter; False: first-come, first-served across tenants
     tenant_weights: Mapping[str, float] | None = None
+    prefix_caching: bool = False  # reuse cached KV blocks of a prompt's prefix (prefix_cache.py)
 
 
 class Scheduler:
@@ -65,6 +74,9 @@ class Scheduler:
         )
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
+        self.prefix_cache = kv_cache.allocator.prefix_cache
+        self._block_keys: dict[Request, list[bytes]] = {}  # each request's full-block keys so far
+        self._num_cached: dict[Request, int] = {}  # leading blocks of its table already cached
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -83,6 +95,7 @@ class Scheduler:
             if not self._reserve_blocks(request, request.num_computed + length):
                 continue  # this request itself was preempted
             self._append(batch, ScheduledSeq(request, request.num_computed, length))
+            self._cache_blocks(request, request.num_computed + length)
             budget -= length
         budget -= self._admit(batch, budget)
         return batch
@@ -119,22 +132,56 @@ class Scheduler:
                     blocked = blocked or request
                     passed.add(id(request))
                     continue
-            length = min(request.num_tokens, budget - used)
-            blocks = self.kv_cache.blocks_needed(length)
-            if blocks > self.kv_cache.allocator.num_free:
+            hits = self._cached_prefix(request)
+            computed = len(hits) * self.kv_cache.block_size
+            length = min(request.num_tokens - computed, budget - used)
+            blocks = self.kv_cache.blocks_needed(computed + length) - len(hits)
+            if blocks + self.prefix_cache.num_idle_in(hits) > self.kv_cache.allocator.num_free:
                 break  # KV memory is first-come, first-served: nobody passes a request waiting for it
             if adapter is not None:
                 request.slot = self.slots.acquire(adapter)
                 if blocked is not None:
                     blocked.slot_bypassed += 1
             self.waiting.remove(request)
-            request.block_table = self.kv_cache.allocator.allocate(blocks)
+            self.prefix_cache.acquire(hits)  # first: allocating must not evict them
+            request.block_table = hits + self.kv_cache.allocator.allocate(blocks)
+            request.num_computed = computed
+            self._num_cached[request] = len(hits)
+            if self.limits.prefix_caching and request.prompt_logprobs is None:
+                self.prefix_cache.record(request.num_tokens, computed)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            self._append(batch, ScheduledSeq(request, 0, length))
+            self._append(batch, ScheduledSeq(request, computed, length))
+            self._cache_blocks(request, computed + length)
             used += length
             order, index = self.waiting.in_order(), 0  # the charge may have changed which tenant is least served
         return used
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks `request` can start from: whole blocks, its last token left to compute."""
+        if not self.limits.prefix_caching or request.prompt_logprobs is not None:
+            return []
+        usable = (request.num_tokens - 1) // self.kv_cache.block_size
+        return self.prefix_cache.lookup(self._keys(request)[:usable])
+
+    def _cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Cache every full block among `request`'s first `num_tokens` (those scheduled so far)."""
+        full = num_tokens // self.kv_cache.block_size
+        done = self._num_cached.get(request, 0)
+        if not self.limits.prefix_caching or full <= done:
+            return
+        keys = self._keys(request)
+        for index in range(done, full):
+            self.prefix_cache.insert(keys[index], request.block_table[index])
+        self._num_cached[request] = full
+
+    def _keys(self, request: Request) -> list[bytes]:
+        """The keys of every full block of `request`'s tokens (extended as it generates)."""
+        keys = self._block_keys.setdefault(request, [])
+        if len(keys) < request.num_tokens // self.kv_cache.block_size:
+            namespace = None if request.adapter is None else request.adapter.uid
+            extend_keys(keys, request.all_ids, self.kv_cache.block_size, namespace)
+        return keys
 
     def _reserve_blocks(self, request: Request, num_tokens: int) -> bool:
         """Grow `request`'s block table to hold `num_tokens`, preempting newer requests if needed.
@@ -162,15 +209,22 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.running.remove(request)
         self.kv_cache.allocator.free(request.block_table)
+        self._num_cached.pop(request, None)
         request.block_table = []
         if request.slot is not None:
             self.slots.release(request.adapter)
             request.slot = None
 
     def finish(self, request: Request) -> None:
-        """Free a finished or cancelled request's KV blocks and slot reference at once."""
+        """Free a finished or cancelled request's KV blocks and slot reference at once.
+
+        A failed request's blocks are uncached: the step that failed may have left them unwritten.
+        """
         if request.status is RequestStatus.RUNNING:
+            if request.finish_reason is FinishReason.ERROR:
+                self.kv_cache.allocator.forget(request.block_table)
             self._release(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._block_keys.pop(request, None)
         request.status = RequestStatus.FINISHED

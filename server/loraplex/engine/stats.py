@@ -72,6 +72,8 @@ class EngineSnapshot:
         host_loads / host_evictions / host_hits / host_misses / host_failures: host-tier counters
             since start (a hit: a queued request found its version in host memory; a failure: a
             read refused, e.g. the version was replaced meanwhile).
+        prefix_cache_queries / prefix_cache_hits: tokens of the requests admitted with a prefix-cache
+            lookup, and of those the tokens found cached, since start (vLLM's hit rate: hits / queries).
     """
 
     time: float = 0.0
@@ -96,3 +98,5 @@ class EngineSnapshot:
     host_hits: int = 0
     host_misses: int = 0
     host_failures: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
