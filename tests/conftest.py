@@ -145,6 +145,19 @@ class PeftOracle:
         self.model.generation_config.eos_token_id = None
         self.model.generation_config.pad_token_id = 2
 
+    def prompt_logprobs(self, prompt: list[int], adapter: str | None) -> list[float]:
+        """Each prompt token's log-probability given the tokens before it (from the second token on), one forward."""
+        inputs = torch.tensor([prompt], device=self.device)
+        with torch.no_grad():
+            if adapter is None:
+                with self.model.disable_adapter():
+                    logits = self.model(input_ids=inputs).logits[0]
+            else:
+                self.model.set_adapter(adapter)
+                logits = self.model(input_ids=inputs).logits[0]
+        scores = logits.float().log_softmax(-1)  # [T, V]
+        return [scores[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+
     def generate(self, prompt: list[int], adapter: str | None, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
         """Greedy tokens and the [n, V] logits that chose them."""
         inputs = torch.tensor([prompt], device=self.device)

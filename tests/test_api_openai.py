@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
 
 from conftest import PeftOracle
 from live_server import LiveServer, server_config
@@ -95,16 +94,7 @@ def test_generated_logprobs_match_peft(client, oracle):
 
 def prompt_logprobs_reference(oracle: PeftOracle, prompt: list[int], adapter: str | None) -> list[float]:
     """Each prompt token's log-probability given the tokens before it, from PEFT's forward."""
-    inputs = torch.tensor([prompt])
-    with torch.no_grad():
-        if adapter is None:
-            with oracle.model.disable_adapter():
-                logits = oracle.model(input_ids=inputs).logits[0]
-        else:
-            oracle.model.set_adapter(adapter)
-            logits = oracle.model(input_ids=inputs).logits[0]
-    scores = logits.float().log_softmax(-1)  # [T, V]
-    return [scores[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    return oracle.prompt_logprobs(prompt, adapter)
 
 
 @pytest.mark.parametrize("adapter", [None, "r16-mlp"])

@@ -12,7 +12,6 @@ import shutil
 
 import lm_eval
 import pytest
-import torch
 from lm_eval.tasks import TaskManager
 
 from live_server import LiveServer, server_config
@@ -61,16 +60,7 @@ def peft_loglikelihood(oracle, tokenizer, adapter: str | None, context: str, con
     continuation = " " + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     context_len = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-    inputs = torch.tensor([whole])
-    with torch.no_grad():
-        if adapter is None:
-            with oracle.model.disable_adapter():
-                logits = oracle.model(input_ids=inputs).logits[0]
-        else:
-            oracle.model.set_adapter(adapter)
-            logits = oracle.model(input_ids=inputs).logits[0]
-    scores = logits.float().log_softmax(-1)  # [T, V]
-    return sum(scores[i - 1, whole[i]].item() for i in range(context_len, len(whole)))
+    return sum(oracle.prompt_logprobs(whole, adapter)[context_len - 1 :])
 
 
 @pytest.mark.parametrize("model", ["tiny-base", "r8-attn"])
