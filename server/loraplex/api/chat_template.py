@@ -59,23 +59,32 @@ class ChatTemplateRenderer:
         self._epoch = 0  # bumped by close: workers of an older epoch are killed when handed back
 
     def render(
-        self, template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: Mapping[str, str]
+        self,
+        template: str,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        special_tokens: Mapping[str, str],
+        tools: list[dict] | None = None,
     ) -> str:
         """The prompt `template` makes of `messages`, exactly as transformers' `apply_chat_template`.
 
         Args:
             template: the Jinja chat template.
-            messages: the conversation, as `{"role", "content", ...}` dicts (keys set to None are dropped).
+            messages: the conversation, as `{"role", "content", ...}` dicts (keys set to None are
+                dropped); an assistant's `tool_calls` and a tool message's `tool_call_id` as
+                tool-calling templates read them.
             add_generation_prompt: end with the header that opens the assistant's turn.
             special_tokens: the tokenizer's `special_tokens_map` (bos_token, eos_token, ...), which
                 templates see as variables.
+            tools: the request's tools in OpenAI's shape (`{"type": "function", "function": {...}}`),
+                the template's `tools` variable; None when there are none.
 
         Raises:
             RequestInvalid: the template cannot render these messages; the message says why.
             QueueFull: every worker stayed busy for `max_wait` seconds.
             EngineFailed: a sandbox process cannot start (the server's fault, not the caller's).
         """
-        reply = self._ask(template, messages, add_generation_prompt, special_tokens)
+        reply = self._ask(template, messages, add_generation_prompt, special_tokens, tools)
         if "error" in reply:
             raise RequestInvalid(f"the chat template cannot render these messages: {reply['message']}", param="messages")
         return reply["text"]
@@ -116,7 +125,9 @@ class ChatTemplateRenderer:
         for worker in busy:  # their threads reap them as they hand them back
             worker.interrupt()
 
-    def _ask(self, template: str, messages: list[dict], add_generation_prompt: bool, special_tokens) -> dict:
+    def _ask(
+        self, template: str, messages: list[dict], add_generation_prompt: bool, special_tokens, tools=None
+    ) -> dict:
         if len(template) > MAX_TEMPLATE_CHARS:
             return {"error": "template_size", "message": f"the template is over {MAX_TEMPLATE_CHARS} characters"}
         request = {
@@ -124,6 +135,7 @@ class ChatTemplateRenderer:
             "messages": [{key: value for key, value in m.items() if value is not None} for m in messages],
             "add_generation_prompt": add_generation_prompt,
             "special_tokens": dict(special_tokens),
+            "tools": tools,
         }
         worker, epoch = self._acquire()
         try:

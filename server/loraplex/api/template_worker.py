@@ -116,13 +116,15 @@ class TemplateWorker:
             where = "" if line is None else f" on line {line}"
             return {"error": "runtime", "message": f"{type(exc).__name__}{where}: {_cut(str(exc))}"}
 
-    def _render(self, template: str, messages: list, add_generation_prompt: bool, special_tokens: dict) -> str:
+    def _render(
+        self, template: str, messages: list, add_generation_prompt: bool, special_tokens: dict, tools: list | None = None
+    ) -> str:
         compiled = self._compile(template)
         # the variables transformers passes: its special tokens, then these four
         stream = compiled.generate(
             **special_tokens,
             messages=messages,
-            tools=None,
+            tools=tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
         )

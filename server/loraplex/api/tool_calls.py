@@ -1,0 +1,409 @@
+"""Tool calls in generated text: the formats, parsed whole or as a stream of OpenAI's deltas.
+
+Owns: the two formats loraplex reads, as vLLM's parsers of the same names read them:
+  - `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks among text
+    (Hermes, Qwen 2.5/3 and most templates that document tools);
+  - `llama3_json`: the whole output is one or more `{"name": ..., "parameters": {...}}` objects
+    separated by `;`, after an optional `<|python_tag|>` (Llama 3.1+; `arguments` is read too);
+choosing one from a chat template's text (`parser_for_template`); `ToolCallStream`, which reads
+the text a character at a time and says what is new (content, a call's opening with its id and
+name, fragments of its arguments), so any chunking of one text gives the same calls and content,
+and `parse_tool_calls` is that stream run over the whole text; and `call_grammar`, the lark
+grammar (llguidance's, `%json` for the arguments) that makes a model's output exactly one call,
+or several, in a format, for `tool_choice` required or a named function.
+
+A call's `arguments` is the JSON text of its arguments object as the model wrote it (when the
+call opens with its name, as every grammar here and every model we know writes it), so streamed
+fragments concatenate to the same string a whole response carries. Text that looks like a call
+and is not one (bad JSON, no name) stays in the content as written. Work is linear in the text:
+each character is looked at once, and the only regex runs at most once per `{` on a head of at
+most MAX_HEAD_CHARS. It must not know HTTP, requests or the engine.
+"""
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+PARSERS = ("hermes", "llama3_json")
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+MAX_HEAD_CHARS = 1024  # `{"name": "...", "arguments": ` longer than this is read whole, not streamed
+_HEAD = {
+    "hermes": re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*\{', re.S),
+    "llama3_json": re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:parameters|arguments)"\s*:\s*\{', re.S),
+}
+_ARGUMENT_KEYS = {"hermes": ("arguments",), "llama3_json": ("parameters", "arguments")}
+# arguments as json.dumps writes them (structured_output.py's defaults); a keyword that cannot be enforced is an error
+ARGUMENTS_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
+
+
+def new_call_id() -> str:
+    """A call's id, in OpenAI's form (`call_` and 24 characters)."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def parser_for_template(template: str, configured: str) -> str:
+    """The format to read: `configured`, or with `auto` the one the chat template's text names.
+
+    A template that mentions `<|python_tag|>` or the `ipython` role is Llama 3's (llama3_json);
+    any other is read as hermes, the format most tool-calling templates document.
+    """
+    if configured != "auto":
+        return configured
+    return "llama3_json" if PYTHON_TAG in template or "ipython" in template else "hermes"
+
+
+@dataclass
+class ParsedCall:
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class Parsed:
+    """A whole text's content (None when it is only calls) and calls."""
+
+    content: str | None
+    calls: list[ParsedCall]
+
+
+@dataclass
+class StreamDelta:
+    """What a piece of text added: content, and OpenAI's `delta.tool_calls` entries."""
+
+    content: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+
+
+class _JsonDepth:
+    """Where a JSON object ends, a character at a time: nesting, strings and escapes."""
+
+    def __init__(self):
+        self.depth = 0
+        self.in_string = False
+        self._escaped = False
+
+    def feed(self, ch: str) -> None:
+        if self.in_string:
+            if self._escaped:
+                self._escaped = False
+            elif ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self.in_string = False
+        elif ch == '"':
+            self.in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+
+    @property
+    def closed(self) -> bool:
+        return self.depth <= 0 and not self.in_string
+
+
+def _whole_call(text: str, keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, arguments JSON) of a complete call object written in another order, or None if it is not one."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = next((value[key] for key in keys if key in value), None)
+    if not isinstance(arguments, dict):
+        return None
+    return value["name"], json.dumps(arguments, ensure_ascii=False)
+
+
+def _head_name(head: re.Match | None) -> str | None:
+    if head is None:
+        return None
+    try:
+        return json.loads(head[1])
+    except ValueError:  # an escape JSON does not have
+        return None
+
+
+class _CallObject:
+    """One call object, from its `{`: streams the name and arguments once the head says them.
+
+    Events go to `emit(kind, text)`: ("open", name), then ("arguments", fragment)s. `done` when
+    the object closed or broke (`<` outside a string cannot be JSON); `opened` once a call was said.
+    """
+
+    def __init__(self, head: re.Pattern, keys: tuple[str, ...], emit: Callable[[str, str], None]):
+        self._head, self._keys, self._emit = head, keys, emit
+        self.text: list[str] = []
+        self._outer = _JsonDepth()
+        self._arguments: _JsonDepth | None = None  # while the arguments object streams
+        self.opened = False
+        self.done = False
+        self.valid = False  # done as a whole call
+
+    def feed(self, ch: str) -> None:
+        outer, arguments = self._outer, self._arguments
+        if ch == "<" and not outer.in_string:
+            self.done = True  # not JSON: the caller takes the text back
+            return
+        self.text.append(ch)
+        outer.feed(ch)
+        if arguments is not None:
+            arguments.feed(ch)
+            self._emit("arguments", ch)
+            if arguments.closed:
+                self._arguments = None
+        elif not self.opened and ch == "{" and outer.depth == 2 and len(self.text) <= MAX_HEAD_CHARS:
+            name = _head_name(self._head.fullmatch("".join(self.text)))
+            if name is not None:
+                self.opened = True
+                self._emit("open", name)
+                self._arguments = _JsonDepth()
+                self._arguments.feed(ch)
+                self._emit("arguments", ch)
+        if outer.closed:
+            self.done = True
+            if self.opened:
+                self.valid = True
+            else:
+                call = _whole_call("".join(self.text), self._keys)
+                if call is not None:
+                    self.opened = self.valid = True
+                    self._emit("open", call[0])
+                    self._emit("arguments", call[1])
+
+
+class ToolCallStream:
+    """Reads one choice's generated text as it comes and says what each piece adds.
+
+    Args:
+        parser: one of PARSERS.
+        new_id: makes a call's id (OpenAI's `call_...`).
+        max_calls: calls kept at most (1 with `parallel_tool_calls` false); later ones are dropped.
+    """
+
+    def __init__(self, parser: str, new_id: Callable[[], str], max_calls: int | None = None):
+        if parser not in PARSERS:
+            raise ValueError(f"unknown tool call parser {parser!r}")
+        self.parser = parser
+        self._new_id = new_id
+        self._max_calls = max_calls
+        self._head, self._keys = _HEAD[parser], _ARGUMENT_KEYS[parser]
+        self.calls: list[ParsedCall] = []
+        self._content: list[str] = []
+        self._delta = StreamDelta()
+        self._dropping = False  # the call being read is past max_calls
+        self._state = "start" if parser == "llama3_json" else "text"
+        self._pending = ""  # a few characters held back: a tag's first ones, whitespace
+        self._block: list[str] = []  # hermes: a block's text after its call, or all of one that is not a call
+        self._tail = ""  # the block's last characters, to see its closing tag
+        self._after_call = False  # hermes: whitespace after a call block is content only if text follows
+        self._call: _CallObject | None = None
+        self._lead = ""  # the text before the call object's `{` that is content if it is not a call
+
+    def feed(self, text: str) -> StreamDelta:
+        """What `text`, the next piece of the output, adds."""
+        for ch in text:
+            self._feed(ch)
+        return self._take()
+
+    def finish(self) -> StreamDelta:
+        """What the end of the output adds (text held back in case a tag or a call followed)."""
+        state = self._state
+        if state == "call" and not self._call.opened:
+            self._say_content(self._lead + "".join(self._call.text))
+        elif state == "start":
+            self._say_content(self._pending)
+        elif state == "text":
+            self._say_content(self._pending.lstrip() if self._after_call else self._pending)
+        elif state == "open":
+            self._say_content(HERMES_OPEN + self._pending)
+        elif state == "raw":
+            self._say_content("".join(self._block))
+        self._state, self._pending = "finished", ""
+        return self._take()
+
+    def result(self) -> Parsed:
+        """Everything read so far: the content (None when there are calls and no text) and the calls."""
+        content = "".join(self._content)
+        return Parsed(None if self.calls and not content else content, list(self.calls))
+
+    # ----- the formats, a character at a time ---------------------------------------------------
+
+    def _feed(self, ch: str) -> None:
+        state = self._state
+        if state == "call":
+            self._call.feed(ch)
+            if self._call.done:
+                self._end_call(ch)
+        elif state in ("raw", "after"):
+            self._block_char(ch)
+        elif self.parser == "hermes":
+            self._feed_hermes(ch, state)
+        else:
+            self._feed_llama(ch, state)
+
+    def _feed_hermes(self, ch: str, state: str) -> None:
+        self._pending += ch
+        pending = self._pending
+        if state == "open":  # after `<tool_call>`: whitespace, then the call's `{`
+            if ch == "{":
+                self._start_call(HERMES_OPEN + pending[:-1])
+            elif not ch.isspace():
+                self._to_block("raw", HERMES_OPEN + pending)
+            return
+        if pending.endswith(HERMES_OPEN):  # whitespace before a block is not content
+            self._say_content(pending[: -len(HERMES_OPEN)].rstrip())
+            self._state, self._pending = "open", ""
+            return
+        said = pending[: len(pending) - _partial_tag(pending, HERMES_OPEN)].rstrip()  # whitespace waits for what follows
+        if said:
+            self._say_content(said)
+            self._after_call = False
+            self._pending = pending[len(said) :]
+
+    def _feed_llama(self, ch: str, state: str) -> None:
+        if state == "text":
+            self._say_content(ch)
+            return
+        self._pending += ch
+        pending = self._pending
+        if state == "start":  # whitespace and `<|python_tag|>`, then the first call's `{`
+            lead = pending.lstrip()
+            if not lead or PYTHON_TAG.startswith(lead):
+                return
+            if lead.startswith(PYTHON_TAG):
+                lead = lead[len(PYTHON_TAG) :].lstrip()
+                if not lead:
+                    return
+            if lead == "{":
+                self._start_call(pending[:-1])
+            else:
+                self._to_text(pending)
+        elif state == "between":  # after a call: `;` and the next, or the end
+            if ch.isspace() or (ch == ";" and ";" not in pending[:-1]):
+                return
+            if ch == "{" and ";" in pending:
+                self._start_call("")
+            else:
+                self._to_text(pending)
+
+    def _block_char(self, ch: str) -> None:
+        """hermes: a character of a block being read to its `</tool_call>`."""
+        self._block.append(ch)
+        self._tail = (self._tail + ch)[-len(HERMES_CLOSE) :]
+        if self._tail != HERMES_CLOSE:
+            return
+        if self._state == "raw":
+            self._say_content("".join(self._block))
+            self._after_call = False
+        else:
+            self._after_call = True
+        self._state, self._pending, self._block, self._tail = "text", "", [], ""
+
+    def _to_block(self, state: str, text: str) -> None:
+        self._state, self._pending, self._block, self._tail = state, "", [], ""
+        for ch in text:
+            self._block_char(ch)
+
+    # ----- calls ---------------------------------------------------------------------------------
+
+    def _start_call(self, lead: str) -> None:
+        self._dropping = self._max_calls is not None and len(self.calls) >= self._max_calls
+        self._state, self._pending, self._lead = "call", "", lead
+        self._call = _CallObject(self._head, self._keys, self._call_event)
+        self._call.feed("{")
+
+    def _end_call(self, ch: str) -> None:
+        call, self._call = self._call, None
+        rest = "<" if ch == "<" and not call.valid else ""  # the `<` that broke it was not taken in
+        raw = self._lead + "".join(call.text) + rest
+        if self.parser == "hermes" and call.opened:
+            self._to_block("after", rest)
+        elif self.parser == "hermes":
+            self._to_block("raw", raw)
+        elif call.valid:
+            self._state, self._pending = "between", ""
+        else:
+            self._to_text(raw)
+
+    def _call_event(self, kind: str, text: str) -> None:
+        if self._dropping:
+            return
+        if kind == "open":
+            call = ParsedCall(self._new_id(), text)
+            self.calls.append(call)
+            entry = {"index": len(self.calls) - 1, "id": call.id, "type": "function"}
+            self._delta.tool_calls.append({**entry, "function": {"name": text, "arguments": ""}})
+            return
+        self.calls[-1].arguments += text
+        last = self._delta.tool_calls[-1] if self._delta.tool_calls else None
+        if last is not None and last["index"] == len(self.calls) - 1:
+            last["function"]["arguments"] += text
+        else:
+            self._delta.tool_calls.append({"index": len(self.calls) - 1, "function": {"arguments": text}})
+
+    # ----- content -------------------------------------------------------------------------------
+
+    def _to_text(self, text: str) -> None:
+        self._state, self._pending = "text", ""
+        self._say_content(text)
+
+    def _say_content(self, text: str) -> None:
+        if text:
+            self._content.append(text)
+            self._delta.content += text
+
+    def _take(self) -> StreamDelta:
+        delta, self._delta = self._delta, StreamDelta()
+        return delta
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag` (0 when none does)."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0
+
+
+def parse_tool_calls(parser: str, text: str, new_id: Callable[[], str], max_calls: int | None = None) -> Parsed:
+    """A whole output's content and calls: `ToolCallStream` over all of it at once."""
+    stream = ToolCallStream(parser, new_id, max_calls)
+    stream.feed(text)
+    stream.finish()
+    return stream.result()
+
+
+def _lark_string(text: str) -> str:
+    """`text` as a lark string literal (JSON's escapes are lark's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool) -> str:
+    """A lark grammar whose every sentence is a call (several with `parallel`) in `parser`'s format.
+
+    Args:
+        parser: one of PARSERS.
+        functions: (name, arguments JSON Schema) of each function the call may be to.
+        parallel: one or more calls (hermes: one block per line; llama3_json: separated by `; `),
+            else exactly one.
+    """
+    if parser not in PARSERS:
+        raise ValueError(f"unknown tool call parser {parser!r}")
+    key, opening, closing, separator = {
+        "hermes": ("arguments", HERMES_OPEN + "\n", "\n" + HERMES_CLOSE, "\n"),
+        "llama3_json": ("parameters", "", "", "; "),
+    }[parser]
+    rules = [f"start: call ({_lark_string(separator)} call)*" if parallel else "start: call"]
+    rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
+    for i, (name, schema) in enumerate(functions):
+        head = opening + "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
+        rules.append(f"call_{i}: {_lark_string(head)} args_{i} {_lark_string('}' + closing)}")
+        enforced = {**schema, "x-guidance": ARGUMENTS_JSON}
+        rules.append(f"args_{i}: %json {json.dumps(enforced, ensure_ascii=False)}")
+    return "\n".join(rules) + "\n"

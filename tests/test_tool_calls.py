@@ -1,0 +1,247 @@
+"""Tool calls: the parsers read each format whole and streamed in any chunking alike, the grammars
+admit exactly calls in their format, templates see tools and past calls as transformers shows them,
+and the chat route returns `message.tool_calls` / streamed `delta.tool_calls` through the openai SDK
+(sync, async, streaming) with `tool_choice` required or named constraining the output, so even a
+random tiny model makes a call whose arguments parse and match the schema.
+"""
+
+import itertools
+import json
+import random
+
+import jsonschema
+import llguidance
+import llguidance.hf
+import pytest
+
+from loraplex.api.chat_template import ChatTemplateRenderer
+from loraplex.api.tool_calls import PARSERS, ToolCallStream, call_grammar, parse_tool_calls, parser_for_template
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "London"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+def ids():
+    counter = itertools.count()
+    return lambda: f"call_{next(counter)}"
+
+
+def calls_of(parsed) -> list[tuple[str, str]]:
+    return [(call.name, call.arguments) for call in parsed.calls]
+
+
+# ----- whole texts ---------------------------------------------------------------------------------
+
+CASES = [
+    # (parser, text, content, [(name, arguments)])
+    ("hermes", "The answer is 4.", "The answer is 4.", []),
+    ("hermes", "  spaced  ", "  spaced  ", []),
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', None,
+     [("get_weather", '{"city": "Paris"}')]),
+    ("hermes", 'Let me look.\n<tool_call>\n{"name": "f", "arguments": {"a": [1, "}"]}}\n</tool_call>', "Let me look.",
+     [("f", '{"a": [1, "}"]}')]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", "arguments": {"x": 1}}</tool_call>',
+     None, [("f", "{}"), ("g", '{"x": 1}')]),
+    ("hermes", 'a <tool_call>{"name": "f", "arguments": {}}</tool_call> b', "a b", [("f", "{}")]),
+    ("hermes", '<tool_call>{"arguments": {"x": 1}, "name": "late"}</tool_call>', None, [("late", '{"x": 1}')]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"q": "a\\"b</tool_call>"}}</tool_call>', None,
+     [("f", '{"q": "a\\"b</tool_call>"}')]),
+    ("hermes", '<tool_call>{"name": oops}</tool_call> after', '<tool_call>{"name": oops}</tool_call> after', []),
+    ("hermes", '<tool_call>not json</tool_call>', "<tool_call>not json</tool_call>", []),
+    ("hermes", '<tool_call>{"name": "f"}</tool_call>', '<tool_call>{"name": "f"}</tool_call>', []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>', None, [("f", '{"a": 1}')]),
+    ("hermes", "ends in a partial tag <tool_ca", "ends in a partial tag <tool_ca", []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a"', None, [("f", '{"a"')]),  # cut off: as far as it got
+    ("llama3_json", "The answer is 4.", "The answer is 4.", []),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", '{"city": "Paris"}')]),
+    ("llama3_json", '<|python_tag|>{"name": "f", "arguments": {"a": 1}}', None, [("f", '{"a": 1}')]),
+    ("llama3_json", '\n{"name": "f", "parameters": {"a": "x;y"}}; {"name": "g", "parameters": {}}', None,
+     [("f", '{"a": "x;y"}'), ("g", "{}")]),
+    ("llama3_json", '{"parameters": {"b": 2}, "name": "late"}', None, [("late", '{"b": 2}')]),
+    ("llama3_json", ' {"a": 1}', ' {"a": 1}', []),
+    ("llama3_json", '{"name": "f", "parameters": {}} and then text', " and then text", [("f", "{}")]),
+    ("llama3_json", '{"name": "f", "parameters": {}}; oops', "; oops", [("f", "{}")]),
+    ("llama3_json", '{"name": "f", "parameters": {}};  ', None, [("f", "{}")]),
+]
+
+
+@pytest.mark.parametrize(("parser", "text", "content", "calls"), CASES)
+def test_a_whole_text_gives_its_content_and_calls(parser, text, content, calls):
+    parsed = parse_tool_calls(parser, text, ids())
+    assert calls_of(parsed) == calls
+    assert parsed.content == content
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_only():
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    assert calls_of(parse_tool_calls("hermes", text, ids(), max_calls=1)) == [("f", "{}")]
+
+
+def test_each_call_gets_its_own_id():
+    text = '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {}}'
+    parsed = parse_tool_calls("llama3_json", text, ids())
+    assert [call.id for call in parsed.calls] == ["call_0", "call_1"]
+
+
+# ----- streaming -----------------------------------------------------------------------------------
+
+
+def streamed(parser: str, pieces: list[str]) -> tuple[str, list[dict]]:
+    """The content and per-call deltas a stream gives for `pieces`, joined as a client joins them."""
+    stream = ToolCallStream(parser, ids())
+    content, calls = "", {}
+    for delta in [*(stream.feed(piece) for piece in pieces), stream.finish()]:
+        content += delta.content
+        for entry in delta.tool_calls:
+            if "id" in entry:
+                assert entry["index"] not in calls and entry["type"] == "function"
+                calls[entry["index"]] = {"id": entry["id"], "name": entry["function"]["name"], "arguments": ""}
+            calls[entry["index"]]["arguments"] += entry["function"].get("arguments", "")
+    return content, [calls[i] for i in range(len(calls))]
+
+
+def chunkings(text: str, count: int = 12):
+    yield [text]
+    yield list(text)
+    for seed in range(count):
+        rng, cuts = random.Random(seed), []
+        position = 0
+        while position < len(text):
+            step = rng.randint(1, 7)
+            cuts.append(text[position : position + step])
+            position += step
+        yield cuts
+
+
+@pytest.mark.parametrize(("parser", "text", "content", "calls"), CASES)
+def test_any_chunking_streams_the_calls_and_content_of_the_whole_text(parser, text, content, calls):
+    whole = parse_tool_calls(parser, text, ids())
+    for pieces in chunkings(text):
+        got_content, got_calls = streamed(parser, pieces)
+        assert got_content == (whole.content or "")
+        assert [(c["name"], c["arguments"]) for c in got_calls] == calls_of(whole)
+
+
+def test_a_call_streams_its_name_first_then_argument_fragments():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+    stream = ToolCallStream("hermes", ids())
+    deltas = [stream.feed(ch) for ch in text] + [stream.finish()]
+    entries = [entry for delta in deltas for entry in delta.tool_calls]
+    first, rest = entries[0], entries[1:]
+    assert first == {"index": 0, "id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{"}}
+    assert len(rest) > 5 and all(set(entry) == {"index", "function"} and entry["index"] == 0 for entry in rest)
+    assert "".join(entry["function"]["arguments"] for entry in entries) == '{"city": "Paris", "days": 3}'
+    assert all(not delta.content for delta in deltas)
+
+
+def test_content_before_a_call_streams_before_the_tag_is_complete():
+    stream = ToolCallStream("hermes", ids())
+    assert stream.feed("Checking the weather").content == "Checking the weather"
+    assert stream.feed(" <tool_").content == ""  # a tag may be starting: held back
+    assert stream.feed("box>").content == " <tool_box>"
+
+
+# ----- choosing a parser ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "configured", "expected"),
+    [
+        ("{% for t in tools %}<tool_call>{% endfor %}", "auto", "hermes"),
+        ("{{ '<|python_tag|>' }}{% if m.role == 'ipython' %}{% endif %}", "auto", "llama3_json"),
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", "auto", "hermes"),
+        ("{{ '<|python_tag|>' }}", "hermes", "hermes"),
+        ("<tool_call>", "llama3_json", "llama3_json"),
+    ],
+)
+def test_the_parser_is_the_configured_one_or_the_templates(template, configured, expected):
+    assert parser_for_template(template, configured) == expected
+
+
+# ----- grammars ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grammar_tokenizer(tokenizer):
+    return llguidance.hf.from_tokenizer(tokenizer)
+
+
+def accepts(grammar_tokenizer, tokenizer, lark: str, text: str) -> bool:
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    assert not llguidance.LLMatcher.validate_grammar_with_warnings(grammar, grammar_tokenizer)[0]
+    matcher = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
+    return matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False)) and matcher.is_accepting()
+
+
+GRAMMAR_CASES = [
+    # (parser, parallel, text, accepted)
+    ("hermes", False, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>', True),
+    ("hermes", False, '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>', True),
+    ("hermes", False, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}\n</tool_call>', False),
+    ("hermes", False, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', False),
+    ("hermes", False, '<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>', False),
+    ("hermes", False, '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "ping", "arguments": {}}\n</tool_call>', False),
+    ("hermes", True, '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "get_weather", "arguments": {"city": "London", "days": 7}}\n</tool_call>', True),
+    ("hermes", False, 'Sure. <tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>', False),
+    ("llama3_json", False, '{"name": "get_weather", "parameters": {"city": "Paris", "days": 1}}', True),
+    ("llama3_json", False, '{"name": "ping", "parameters": {"extra": 1}}', False),
+    ("llama3_json", True, '{"name": "ping", "parameters": {}}; {"name": "ping", "parameters": {}}', True),
+    ("llama3_json", False, '{"name": "ping", "parameters": {}}; {"name": "ping", "parameters": {}}', False),
+]
+
+
+@pytest.mark.parametrize(("parser", "parallel", "text", "accepted"), GRAMMAR_CASES)
+def test_the_call_grammar_admits_exactly_calls_in_its_format(grammar_tokenizer, tokenizer, parser, parallel, text, accepted):
+    functions = [("get_weather", WEATHER), ("ping", {"type": "object", "properties": {}, "additionalProperties": False})]
+    assert accepts(grammar_tokenizer, tokenizer, call_grammar(parser, functions, parallel), text) == accepted
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_what_the_grammar_admits_parses_into_calls_matching_the_schema(parser):
+    text = {
+        "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "London", "days": 2}}\n</tool_call>',
+        "llama3_json": '{"name": "get_weather", "parameters": {"city": "London", "days": 2}}',
+    }[parser]
+    (call,) = parse_tool_calls(parser, text, ids()).calls
+    assert call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+
+
+# ----- templates see the tools and the calls -------------------------------------------------------
+
+TOOL_TEMPLATE = (
+    "{%- if tools %}<tools>{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n{% endif %}"
+    "{%- for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{%- if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% endif %}'
+    "{%- if m.tool_call_id %} (for {{ m.tool_call_id }}){% endif %}\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now.", "parameters": WEATHER}}]
+HISTORY = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}},
+    ]},
+    {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": "call_1"},
+]  # fmt: skip
+
+
+def test_a_template_renders_tools_and_past_calls_as_transformers_does(tokenizer):
+    expected = tokenizer.apply_chat_template(
+        HISTORY, tools=TOOLS, chat_template=TOOL_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    renderer = ChatTemplateRenderer(timeout=10.0, workers=1)
+    try:
+        rendered = renderer.render(TOOL_TEMPLATE, HISTORY, True, tokenizer.special_tokens_map, TOOLS)
+    finally:
+        renderer.close()
+    assert rendered == expected
+    assert '"name": "get_weather", "arguments": {"city": "Paris", "days": 1}' in rendered
+    assert "(for call_1)" in rendered and '"description": "Weather now."' in rendered
