@@ -21,6 +21,7 @@ from loraplex.api.responses import finish_reason, token_strings
 from loraplex.api.route import Plan, choice_params, respond, token_budget
 from loraplex.api.schemas import ChatCompletionRequest, ChatMessage
 from loraplex.api.services import Services, services
+from loraplex.api.structured_output import requested_grammar
 from loraplex.engine.request import SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import RequestInvalid
 from loraplex.service.catalog import AdapterRecord
@@ -64,10 +65,12 @@ def render_prompt(
     return ids
 
 
-def _params(body: ChatCompletionRequest, prompt: list[int], max_model_len: int, vocab_size: int) -> list[SamplingParams]:
+def _params(
+    body: ChatCompletionRequest, prompt: list[int], max_model_len: int, vocab_size: int, grammar: str | None
+) -> list[SamplingParams]:
     wanted = token_budget(len(prompt), body.token_limit, max_model_len, "the messages", "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return choice_params(body, vocab_size, max_tokens=wanted, logprobs=logprobs)
+    return choice_params(body, vocab_size, max_tokens=wanted, logprobs=logprobs, grammar=grammar)
 
 
 def _content_logprobs(tokenizer, ids: list[int], logprobs: list[float], tops: list[TopLogprobs]) -> list[dict]:
@@ -153,6 +156,7 @@ async def create_chat_completion(
     prompt = await run_in_threadpool(
         render_prompt, body.messages, body.add_generation_prompt, record, svc.prompts, svc.chat_templates
     )  # off the loop
-    params = _params(body, prompt, svc.engine.max_model_len, svc.engine.vocab_size)
+    grammar = await run_in_threadpool(requested_grammar, body, svc.engine.base.tokenizer)  # response_format, structured_outputs
+    params = _params(body, prompt, svc.engine.max_model_len, svc.engine.vocab_size, grammar)
     plan = Plan([prompt], params, ChatResponder(body, svc.engine.base.tokenizer))
     return await respond(svc, principal.tenant, record and record.adapter, body, plan, http_request)

@@ -20,6 +20,7 @@ from loraplex.api.responses import finish_reason, token_strings
 from loraplex.api.route import Plan, choice_params, respond, token_budget
 from loraplex.api.schemas import CompletionRequest
 from loraplex.api.services import Services, services
+from loraplex.api.structured_output import requested_grammar
 from loraplex.engine.request import SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import RequestInvalid
 from loraplex.tenancy import Principal
@@ -47,12 +48,16 @@ def _prompts(body: CompletionRequest, encoder: PromptEncoder) -> list[list[int]]
     return encoded
 
 
-def _params(body: CompletionRequest, prompts: list[list[int]], max_model_len: int, vocab_size: int) -> list[SamplingParams]:
+def _params(
+    body: CompletionRequest, prompts: list[list[int]], max_model_len: int, vocab_size: int, grammar: str | None
+) -> list[SamplingParams]:
     wanted = token_budget(max(len(ids) for ids in prompts), body.max_tokens, max_model_len, "the prompt", "prompt")
     logprobs = body.logprobs
     prompt_logprobs = logprobs if body.echo and logprobs is not None else None
     # echo with max_tokens=0 scores the prompt and drops the one token generated
-    per_prompt = choice_params(body, vocab_size, max_tokens=max(wanted, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    per_prompt = choice_params(
+        body, vocab_size, max_tokens=max(wanted, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar
+    )
     return per_prompt * len(prompts)
 
 
@@ -230,7 +235,8 @@ async def create_completion(
     record = resolve_model(svc, principal, body.model)
     tokenizer = svc.engine.base.tokenizer
     prompts = await run_in_threadpool(_prompts, body, svc.prompts)  # long prompts must not stall the loop
-    params = _params(body, prompts, svc.engine.max_model_len, svc.engine.vocab_size)
+    grammar = await run_in_threadpool(requested_grammar, body, tokenizer)  # structured outputs; compiling stays off the loop
+    params = _params(body, prompts, svc.engine.max_model_len, svc.engine.vocab_size, grammar)
     echo = await run_in_threadpool(_Echo, body, tokenizer, prompts)
     plan = Plan(prompts, params, CompletionResponder(body, tokenizer, echo), keep_generated=not echo.drop_generated)
     return await respond(svc, principal.tenant, record and record.adapter, body, plan, http_request)

@@ -13,10 +13,11 @@ OpenAI's fields that do not change what is generated (`metadata`, `store`, `serv
 `user`, ...) are accepted, bounded as OpenAI documents them, and not used.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from loraplex.api.structured_output import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_GRAMMAR_CHARS, MAX_REGEX_CHARS
 from loraplex.engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_REPETITION_PENALTY
 from loraplex.errors import RequestInvalid
 from loraplex.merging import MAX_SEED, MERGE_METHODS
@@ -91,6 +92,22 @@ Metadata = Annotated[
 ]
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of its constraints (api/structured_output.py enforces them)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    json_schema: dict[str, Any] | Text | None = Field(default=None, alias="json")  # a JSON Schema, as an object or JSON text
+    regex: Annotated[Text, Field(min_length=1, max_length=MAX_REGEX_CHARS)] | None = None
+    choice: (
+        Annotated[
+            list[Annotated[Text, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]], Field(min_length=1, max_length=MAX_CHOICES)
+        ]
+        | None
+    ) = None
+    grammar: Annotated[Text, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None  # Lark (llguidance's)
+    json_object: bool | None = None
+
+
 class SamplingBody(_Strict):
     """Parameters completions and chat share."""
 
@@ -126,6 +143,7 @@ class SamplingBody(_Strict):
     min_tokens: Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -214,8 +232,21 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: Annotated[Text, Field(max_length=MAX_GRAMMAR_CHARS)] | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")  # absent: any JSON object
+    strict: bool | None = None  # loraplex always enforces the schema
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    """OpenAI's `response_format`: text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class Prediction(_Strict):

@@ -16,7 +16,9 @@ a random or an off-distribution model cannot fill its output with whitespace; a 
 
 Tool calls build on it: `grammar_for_lark` takes a Lark grammar whose rules may embed JSON
 schemas with `%json { ... }` (for example `start: "<tool_call>" %json {"type": "object"}`), and
-`grammar_for_schema` takes a function's parameters schema.
+`grammar_for_schema` takes a function's parameters schema. A bare `%json` gets llguidance's own
+JSON defaults (any whitespace, without bound); `lark_json(schema)` writes the `%json` clause with
+the options above.
 """
 
 import functools
@@ -75,6 +77,12 @@ def grammar_for_lark(text: str, param: str, tokenizer: llguidance.LLTokenizer | 
     return _checked("lark", text, param, tokenizer)
 
 
+def lark_json(schema: dict) -> str:
+    """`%json {schema}` for a Lark rule, with the JSON options `grammar_for_schema` uses (json.dumps's separators, lenient off)."""
+    options = {**JSON_DEFAULTS, **schema.get("x-guidance", {}), **JSON_OVERRIDES} if isinstance(schema, dict) else None
+    return "%json " + json.dumps({**schema, "x-guidance": options} if options is not None else schema)
+
+
 def grammar_for_regex(pattern: str, param: str, tokenizer: llguidance.LLTokenizer | None = None) -> str:
     """The grammar of strings matching `pattern` in full (Rust regex syntax, no look-around or backreferences)."""
     _bound_string(pattern, MAX_REGEX_CHARS, param)
@@ -89,6 +97,80 @@ def grammar_for_choice(choices: list[str], param: str, tokenizer: llguidance.LLT
         _bound_string(choice, MAX_CHOICE_CHARS, param)
     lark = "start: " + " | ".join(json.dumps(choice) for choice in choices)  # Lark strings escape as JSON's do
     return _checked("lark", lark, param, tokenizer)
+
+
+def requested_grammar(body, hf_tokenizer, tool_grammar: str | None = None) -> str | None:
+    """The grammar a chat or completions body asks for, or None for an unconstrained output.
+
+    Chat's `response_format` (`json_object`: any JSON object; `json_schema`: its `schema`, any
+    object when absent) and vLLM's `structured_outputs` (exactly one of `json`, `regex`,
+    `choice`, `grammar`, `json_object`), on either route; asking through both is refused.
+    Call it off the event loop (the first call builds the tokenizer; a new schema compiles).
+
+    Args:
+        body: a `ChatCompletionRequest` or `CompletionRequest`.
+        hf_tokenizer: the served base's tokenizer.
+        tool_grammar: the grammar chat already chose for tool_choice required or a named function;
+            returned as it is, and asking for a format as well is refused.
+
+    Raises:
+        RequestInvalid: naming the field at fault.
+    """
+    response_format = getattr(body, "response_format", None)
+    asked = body.structured_outputs
+    if response_format is not None and response_format.type == "text":
+        response_format = None
+    if response_format is not None and asked is not None:
+        raise RequestInvalid("use either response_format or structured_outputs, not both", param="structured_outputs")
+    if tool_grammar is not None and (response_format is not None or asked is not None):
+        param = "structured_outputs" if asked is not None else "response_format"
+        raise RequestInvalid(f"{param} cannot be combined with tool_choice required or a named function", param=param)
+    if response_format is None and asked is None:
+        return tool_grammar
+    tokenizer = tokenizer_of(hf_tokenizer)
+    if response_format is not None:
+        if response_format.type == "json_object":
+            if response_format.json_schema is not None:
+                raise RequestInvalid("json_schema is only allowed with type json_schema", param="response_format.json_schema")
+            return grammar_for_schema({"type": "object"}, "response_format", tokenizer)
+        if response_format.json_schema is None:
+            raise RequestInvalid("type json_schema needs json_schema", param="response_format.json_schema")
+        schema = response_format.json_schema.json_schema
+        return grammar_for_schema(
+            {"type": "object"} if schema is None else schema, "response_format.json_schema.schema", tokenizer
+        )
+    fields = {
+        name: value
+        for name, value in (("json", asked.json_schema), ("regex", asked.regex), ("choice", asked.choice),
+                            ("grammar", asked.grammar), ("json_object", asked.json_object or None))
+        if value is not None
+    }  # fmt: skip
+    if len(fields) != 1:
+        raise RequestInvalid(
+            "structured_outputs needs exactly one of json, regex, choice, grammar, json_object", param="structured_outputs"
+        )
+    ((name, value),) = fields.items()
+    param = f"structured_outputs.{name}"
+    if name == "json":
+        return grammar_for_schema(_schema_of(value, param), param, tokenizer)
+    if name == "json_object":
+        return grammar_for_schema({"type": "object"}, param, tokenizer)
+    if name == "regex":
+        return grammar_for_regex(value, param, tokenizer)
+    if name == "choice":
+        return grammar_for_choice(value, param, tokenizer)
+    return grammar_for_lark(value, param, tokenizer)
+
+
+def _schema_of(value, param: str) -> dict:
+    """A schema sent as an object, or as JSON text (vLLM takes both)."""
+    if isinstance(value, dict):
+        return value
+    _bound(value, MAX_SCHEMA_CHARS, param)
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        raise RequestInvalid(f"{param} is neither a JSON Schema object nor JSON text: {exc}", param=param) from None
 
 
 @functools.lru_cache(maxsize=4)

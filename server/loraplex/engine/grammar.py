@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from loraplex.engine.request import Request
@@ -131,9 +130,12 @@ class GrammarMatchers:
         """
         if self._executor is None:
             self._executor = llguidance.LLExecutor(MASK_THREADS)
-        bitmask = llguidance.torch.allocate_token_bitmask(len(requests), self._tokenizer.vocab_size)
-        llguidance.torch.fill_next_token_bitmask_par(
-            self._executor, [(request.matcher, row) for row, request in enumerate(requests)], bitmask
+        words = -(-self._tokenizer.vocab_size // 32)
+        bitmask = torch.zeros(len(requests), words, dtype=torch.int32)  # [M, W]
+        # llguidance.torch's fill_next_token_bitmask_par does this; importing that module compiles a
+        # torch function (seconds) the engine does not need.
+        self._executor.unsafe_compute_mask_ptr(
+            [(request.matcher, row) for row, request in enumerate(requests)], bitmask.data_ptr(), 4 * words, len(requests)
         )
         return bitmask
 
