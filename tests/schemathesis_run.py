@@ -26,7 +26,10 @@ class ServerRules:
       - a prompt, counted in tokens (text through this server's tokenizer, chat messages through
         its chat template), plus max_tokens must fit max_model_len (what /tokenize takes, too);
       - best_of must equal n, and a completions request's prompts x n must fit the queue;
-      - a merge has one weight per adapter.
+      - a merge has one weight per adapter;
+      - a named tool_choice names one of the tools, and with required or a named function every
+        tool's parameters is a schema the grammar library enforces (a generated dict seldom is:
+        each becomes a function without arguments).
     And it points them at things that exist, which a schema cannot know: `model` names the base
     model or an adapter the server has now, a merge merges adapters it has, and every other upload
     sends a real adapter's files (the rest send generated ones). Generated names and files are
@@ -55,6 +58,7 @@ class ServerRules:
         elif path == "/v1/chat/completions":
             # An adapter's own chat template would render the messages differently: only those without one.
             body["model"] = self.pick([self.base, *self.adapters(with_template=False)], draw)
+            self.fit_tools(body)
             self.fit_chat(body)
         elif path in ("/tokenize", "/detokenize"):
             if body.get("model") is not None:  # absent or null: the base model
@@ -105,6 +109,16 @@ class ServerRules:
             body["prompt"] = self.shorten(body["prompt"])
         elif isinstance(body.get("messages"), list):
             self.fit_chat(body)
+
+    @staticmethod
+    def fit_tools(body: dict) -> None:
+        choice, tools = body.get("tool_choice"), body.get("tools")
+        if not tools or not (choice == "required" or isinstance(choice, dict)):
+            return
+        for tool in tools:
+            tool["function"]["parameters"] = {"type": "object", "properties": {}, "additionalProperties": False}
+        if isinstance(choice, dict):
+            choice["function"]["name"] = tools[0]["function"]["name"]
 
     def fit_chat(self, body: dict) -> None:
         messages = body["messages"]

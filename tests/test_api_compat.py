@@ -131,10 +131,10 @@ def test_completions_accept_the_same_fields(client):
         ({"safety_identifier": "x" * 129}, "safety_identifier"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"modalities": ["audio"]}, "modalities.0"),
-        ({"parallel_tool_calls": False, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"parallel_tool_calls": False, "tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools.0.function.name"),
         ({"prediction": {"type": "content"}}, "prediction.content"),
     ],
-    ids=["typo", "17-pairs", "long-key", "long-value", "tier", "long-safety-id", "audio-too", "audio", "tools", "prediction"],
+    ids=["typo", "17-pairs", "long-key", "long-value", "tier", "long-safety-id", "audio-too", "audio", "tool-name", "prediction"],
 )
 def test_chat_refuses_what_is_unknown_or_out_of_bounds_naming_it(http, fields, param):
     body = {"model": BASE, "messages": CHAT, "max_tokens": 2, **fields}

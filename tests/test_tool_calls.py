@@ -5,15 +5,20 @@ and the chat route returns `message.tool_calls` / streamed `delta.tool_calls` th
 random tiny model makes a call whose arguments parse and match the schema.
 """
 
+import asyncio
 import itertools
 import json
 import random
+import shutil
 
+import httpx
 import jsonschema
 import llguidance
 import llguidance.hf
+import openai
 import pytest
 
+from live_server import LiveServer, server_config
 from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.api.tool_calls import PARSERS, ToolCallStream, call_grammar, parse_tool_calls, parser_for_template
 
@@ -245,3 +250,187 @@ def test_a_template_renders_tools_and_past_calls_as_transformers_does(tokenizer)
     assert rendered == expected
     assert '"name": "get_weather", "arguments": {"city": "Paris", "days": 1}' in rendered
     assert "(for call_1)" in rendered and '"description": "Weather now."' in rendered
+
+
+# ----- the chat route, through the openai SDK ------------------------------------------------------
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}Tools: {{ tools | tojson }} Answer with <|python_tag|> and JSON.\n{% endif %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+)
+PING = {"type": "function", "function": {"name": "ping", "description": "Is anyone there?"}}
+WEATHER_TOOL = TOOLS[0]
+ASK = [{"role": "user", "content": "What is the weather in Paris for three days?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+FORCED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "London", "days": 2}}\n</tool_call>'
+FORCED_LLAMA3_CALL = '{"name": "get_weather", "parameters": {"city": "London", "days": 2}}'
+
+
+@pytest.fixture(scope="module")
+def server(llama, tmp_path_factory):
+    """The tiny llama (its template ignores tools; auto reads hermes), an adapter with a hermes-style
+    template that renders tools and calls, and one with a Llama 3 style template (auto reads llama3_json)."""
+    store = tmp_path_factory.mktemp("store")
+    for name, template in (("hermes-tools", TOOL_TEMPLATE), ("llama3-tools", LLAMA3_TEMPLATE)):
+        shutil.copytree(llama.adapter_dirs["r4-qv"], store / name)
+        (store / name / "chat_template.jinja").write_text(template)
+    with LiveServer(server_config(llama.model_dir, store, max_model_len=1024)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as session:
+        yield session
+
+
+def call_of(model, client, **fields):
+    fields = {"messages": ASK, "tools": [WEATHER_TOOL, PING], "max_tokens": 200, "temperature": 0, **fields}
+    return client.chat.completions.create(model=model, **fields).choices[0]
+
+
+def arguments_match(call) -> None:
+    schema = {"get_weather": WEATHER, "ping": {"type": "object", "properties": {}, "additionalProperties": False}}
+    jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
+
+
+@pytest.mark.parametrize("model", ["tiny-base", "hermes-tools", "llama3-tools"])
+def test_a_named_function_is_called_with_arguments_matching_its_schema(client, model):
+    choice = call_of(model, client, tool_choice=NAMED, parallel_tool_calls=False)
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    arguments_match(call)
+
+
+def test_required_calls_one_of_the_tools(client):
+    choice = call_of("hermes-tools", client, tool_choice="required", parallel_tool_calls=False)
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name in ("get_weather", "ping")
+    arguments_match(call)
+
+
+def test_a_streamed_call_arrives_as_openai_sends_it_and_matches_the_whole_answer(client):
+    whole = call_of("hermes-tools", client, tool_choice=NAMED, parallel_tool_calls=False)
+    chunks = list(
+        client.chat.completions.create(
+            model="hermes-tools", messages=ASK, tools=[WEATHER_TOOL, PING], tool_choice=NAMED,
+            parallel_tool_calls=False, max_tokens=200, temperature=0, stream=True,
+        )
+    )  # fmt: skip
+    entries = [entry for chunk in chunks for entry in chunk.choices[0].delta.tool_calls or []]
+    first = entries[0]
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "get_weather"
+    assert all(entry.index == 0 and entry.id is None and entry.function.name is None for entry in entries[1:])
+    arguments = "".join(entry.function.arguments or "" for entry in entries)
+    assert arguments == whole.message.tool_calls[0].function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+
+
+def test_the_async_client_gets_the_same_call(client, server):
+    async def ask():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as aclient:
+            reply = await aclient.chat.completions.create(
+                model="tiny-base", messages=ASK, tools=[WEATHER_TOOL], tool_choice=NAMED,
+                parallel_tool_calls=False, max_tokens=200, temperature=0,
+            )  # fmt: skip
+            return reply.choices[0]
+
+    choice = asyncio.run(ask())
+    sync = call_of("tiny-base", client, tools=[WEATHER_TOOL], tool_choice=NAMED, parallel_tool_calls=False)
+    assert choice.message.tool_calls[0].function.arguments == sync.message.tool_calls[0].function.arguments
+
+
+def test_parallel_calls_are_each_a_whole_call(client):
+    choice = call_of("tiny-base", client, tool_choice=NAMED)
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert calls and len({call.id for call in calls}) == len(calls)
+    for call in calls:
+        assert call.function.name == "get_weather"
+        arguments_match(call)
+
+
+@pytest.mark.parametrize(
+    ("model", "output", "read"),
+    [
+        ("hermes-tools", FORCED_CALL, True),
+        ("llama3-tools", FORCED_LLAMA3_CALL, True),
+        ("llama3-tools", FORCED_CALL, False),  # auto picked llama3_json from the template's text
+        ("hermes-tools", FORCED_LLAMA3_CALL, False),
+    ],
+)
+def test_auto_reads_calls_out_of_free_text_in_the_templates_format(client, model, output, read):
+    """The output forced by structured_outputs (not tool_choice), read as auto reads any text."""
+    choice = call_of(model, client, extra_body={"structured_outputs": {"choice": [output]}})
+    if not read:
+        assert choice.message.tool_calls is None and choice.message.content == output
+        return
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "London", "days": 2})
+
+
+def test_tool_choice_none_reads_no_calls(client):
+    choice = call_of(
+        "hermes-tools", client, tool_choice="none", extra_body={"structured_outputs": {"choice": [FORCED_CALL]}}
+    )
+    assert choice.message.tool_calls is None
+    assert choice.message.content == FORCED_CALL and choice.finish_reason == "stop"
+
+
+def test_a_history_of_calls_and_results_renders_and_answers(client):
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"forecast": "sun"}'},
+    ]  # fmt: skip
+    choice = call_of("hermes-tools", client, messages=history, tool_choice=NAMED, parallel_tool_calls=False)
+    arguments_match(choice.message.tool_calls[0])
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [PING], "tool_choice": NAMED}, "tool_choice.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"x": "y" * 70_000}}}]},
+         "tools.0.function.parameters"),
+        ({"tools": [PING] * 129}, "tools"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages.0.tool_calls"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"},
+         "tool_choice"),
+    ],
+    ids=["required-without-tools", "named-not-in-tools", "bad-name", "huge-parameters", "too-many-tools",
+         "user-tool-calls", "unenforceable-schema"],
+)  # fmt: skip
+def test_bad_tool_fields_are_a_400_naming_the_field(http, fields, param):
+    body = {"model": "tiny-base", "messages": ASK, "max_tokens": 8, **fields}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+
+
+def test_constrained_arguments_hold_only_the_declared_parameters_unless_the_schema_allows_more(
+    grammar_tokenizer, tokenizer
+):
+    declared = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    open_ended = {**declared, "additionalProperties": True}
+    for schema, accepted in ((declared, False), (open_ended, True)):
+        lark = call_grammar("llama3_json", [("f", schema)], parallel=False)
+        assert accepts(grammar_tokenizer, tokenizer, lark, '{"name": "f", "parameters": {"a": 1, "b": 2}}') == accepted
+        assert accepts(grammar_tokenizer, tokenizer, lark, '{"name": "f", "parameters": {"a": 1}}')

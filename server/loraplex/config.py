@@ -175,6 +175,10 @@ class ServerConfig(BaseModel):
     chat_template_timeout: float = Field(
         default=2.0, gt=0, le=60, description="Seconds one chat template may take to render before a 400."
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        default="auto",
+        description="The format tool calls are read from and constrained to; auto picks it from the chat template's text.",
+    )
     store_poll_interval: float = Field(
         default=2.0, ge=0, le=3600,
         description="Seconds between looks at the store for adapters other replicas changed (0: never).",

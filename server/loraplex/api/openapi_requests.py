@@ -5,7 +5,8 @@ and token-id prompts from max_model_len, text prompts from the longest text that
 ids from the vocabulary, choices from --max-queue, adapter names other than the base model's)
 and the rules between fields a schema can state (`if`/`then`: stream_options needs stream,
 continuous_usage_stats needs include_usage, max_tokens 0 needs echo, top_logprobs needs logprobs,
-density and rank by merge method; `oneOf`: a prompt or messages to tokenize); rules no
+tool_choice required or named needs tools, only assistant messages carry tool_calls, density and
+rank by merge method; `oneOf`: a prompt or messages to tokenize); rules no
 schema can state (a text's length in tokens, best_of equal to n, one weight per adapter, an
 adapter's contents) are written in descriptions. And `upload_form`, the multipart body of
 `POST /v1/adapters`. It must not change what the server accepts: every bound here is one the
@@ -45,6 +46,7 @@ def bound_requests(schemas: dict, facts: ServedFacts) -> None:
         _bound_sampling(schemas[name], facts)
     _bound_completion(schemas["CompletionRequest"], facts)
     _bound_chat(schemas["ChatCompletionRequest"], facts)
+    _require_when(schemas["ChatMessage"], {"role": {"not": {"const": "assistant"}}}, {"tool_calls": {"type": "null"}}, present=False)
     _require_when(
         schemas["StreamOptions"], {"continuous_usage_stats": {"const": True}}, {"include_usage": {"const": True}}
     )
@@ -132,6 +134,15 @@ def _bound_chat(chat: dict, facts: ServedFacts) -> None:
         )
     _require_when(chat, {"top_logprobs": {"type": "integer"}}, {"logprobs": {"const": True}})
     _describe(props["top_logprobs"], "Only with logprobs true.")
+    forcing = {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}}
+    _require_when(chat, forcing, {"tools": {"type": "array", "minItems": 1}})
+    _describe(
+        props["tool_choice"],
+        "auto (the default with tools), none, required, or a named function, which must be one of tools (a rule "
+        "between two fields no schema states: a 400 otherwise). required and a named function need tools, and "
+        "constrain the output to calls: each allowed function's parameters must be a schema the grammar library "
+        "can enforce (a 400 naming tool_choice says which keyword it cannot).",
+    )
 
 
 def _bound_adapter_requests(schemas: dict, facts: ServedFacts) -> None:

@@ -108,16 +108,33 @@ class ChatLogprobs(_Sent):
     content: list[TokenLogprob]
 
 
+class FunctionCall(_Sent):
+    name: str
+    arguments: str = Field(description="The arguments object as JSON text, as the model wrote it.")
+
+
+class ToolCall(_Sent):
+    id: str = Field(pattern=r"^call_")
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Sent):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="The text; null when the answer is only tool calls.")
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, min_length=1, description="The calls read out of the text (with tools); absent when none."
+    )
+
+
+ChatFinish = Literal["stop", "length", "tool_calls"]  # tool_calls: it stopped after making calls
 
 
 class ChatChoice(_Sent):
     index: int = Field(ge=0)
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: ChatFinish
 
 
 class ChatCompletion(_Sent):
@@ -131,18 +148,33 @@ class ChatCompletion(_Sent):
     usage: Usage
 
 
+class FunctionCallDelta(_Sent):
+    name: str | None = Field(default=None, description="In a call's first delta only.")
+    arguments: str | None = Field(default=None, description="The next fragment of the arguments' JSON text.")
+
+
+class ToolCallDelta(_Sent):
+    """A call's first delta carries its id, type and name; later ones fragments of its arguments."""
+
+    index: int = Field(ge=0, description="The call's place among the choice's calls.")
+    id: str | None = Field(default=None, pattern=r"^call_")
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(_Sent):
-    """The first chunk of each choice carries the role; later ones the new text, if any."""
+    """The first chunk of each choice carries the role; later ones the new text or tool-call deltas, if any."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, min_length=1)
 
 
 class ChatChunkChoice(_Sent):
     index: int = Field(ge=0)
     delta: ChatDelta
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: ChatFinish | None
 
 
 class ChatCompletionChunk(_Sent):

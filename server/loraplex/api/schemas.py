@@ -10,7 +10,9 @@ OpenAI parameters that loraplex does not implement are refused with a message sa
 `check_supported` does that. The sampling controls (OpenAI's penalties and `logit_bias`, vLLM's
 `repetition_penalty`, `min_p`, `min_tokens`, ...) are bounded here and again in `SamplingParams`.
 OpenAI's fields that do not change what is generated (`metadata`, `store`, `service_tier`,
-`user`, ...) are accepted, bounded as OpenAI documents them, and not used.
+`user`, ...) are accepted, bounded as OpenAI documents them, and not used. The tool-calling
+fields (`tools`, `tool_choice`, an assistant message's `tool_calls`) are tool_schemas.py's
+models; the chat request checks the rules between them (`_check_tools`).
 """
 
 from typing import Annotated, Any, Literal
@@ -18,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from loraplex.api.structured_output import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_GRAMMAR_CHARS, MAX_REGEX_CHARS
+from loraplex.api.tool_schemas import ToolCalls, ToolChoice, Tools
 from loraplex.engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_REPETITION_PENALTY
 from loraplex.errors import RequestInvalid
 from loraplex.merging import MAX_SEED, MERGE_METHODS
@@ -223,6 +226,7 @@ class ChatMessage(_Strict):
     content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: Name | None = None
     tool_call_id: Name | None = None
+    tool_calls: ToolCalls | None = None  # an assistant's calls, rendered by tool-calling templates
 
     def text(self) -> str:
         if self.content is None:
@@ -266,8 +270,9 @@ class ChatCompletionRequest(SamplingBody):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
-    # Without `tools` (refused as unknown until tool calls exist) parallel_tool_calls changes nothing.
-    parallel_tool_calls: bool | None = None
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = None  # OpenAI's default: auto with tools, none without
+    parallel_tool_calls: bool | None = None  # None is OpenAI's default, true
     prediction: Prediction | None = None
     modalities: Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)] | None = None
 
@@ -275,6 +280,31 @@ class ChatCompletionRequest(SamplingBody):
         super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestInvalid("top_logprobs needs logprobs=true", param="top_logprobs")
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        for i, message in enumerate(self.messages):
+            if message.tool_calls is not None and message.role != "assistant":
+                raise RequestInvalid("only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls")
+        choice = self.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return
+        if not self.tools:
+            raise RequestInvalid("tool_choice required or a named function needs tools", param="tool_choice")
+        if not isinstance(choice, str) and choice.function.name not in {tool.function.name for tool in self.tools}:
+            raise RequestInvalid(
+                f"tool_choice names the function {choice.function.name!r}, which is not in tools",
+                param="tool_choice.function.name",
+            )
+
+    @property
+    def tool_mode(self) -> str:
+        """none (no tools, or tool_choice none), auto, required, or named (tool_choice names a function)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None or isinstance(self.tool_choice, str):
+            return self.tool_choice or "auto"
+        return "named"
 
     @property
     def token_limit(self) -> int | None:

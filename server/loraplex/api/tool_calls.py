@@ -180,6 +180,9 @@ class _CallObject:
 class ToolCallStream:
     """Reads one choice's generated text as it comes and says what each piece adds.
 
+    Every character is looked at once and held text is kept in lists, so a whole output (or a
+    long run of whitespace) costs time linear in its length.
+
     Args:
         parser: one of PARSERS.
         new_id: makes a call's id (OpenAI's `call_...`).
@@ -193,17 +196,23 @@ class ToolCallStream:
         self._new_id = new_id
         self._max_calls = max_calls
         self._head, self._keys = _HEAD[parser], _ARGUMENT_KEYS[parser]
-        self.calls: list[ParsedCall] = []
+        self._calls: list[tuple[str, str, list[str]]] = []  # (id, name, argument fragments)
         self._content: list[str] = []
-        self._delta = StreamDelta()
+        self._said: list[str] = []  # content since the last delta
+        self._entries: list[tuple[dict, list[str]]] = []  # delta.tool_calls since the last delta, with fragments
         self._dropping = False  # the call being read is past max_calls
         self._state = "start" if parser == "llama3_json" else "text"
-        self._pending = ""  # a few characters held back: a tag's first ones, whitespace
+        self._held: list[str] = []  # text held back: whitespace, the characters before a call's `{`
+        self._mark = ""  # the start of a tag being read (`<tool_c`, `<|python_tag|>`), or `;` between calls
         self._block: list[str] = []  # hermes: a block's text after its call, or all of one that is not a call
         self._tail = ""  # the block's last characters, to see its closing tag
         self._after_call = False  # hermes: whitespace after a call block is content only if text follows
         self._call: _CallObject | None = None
         self._lead = ""  # the text before the call object's `{` that is content if it is not a call
+
+    @property
+    def calls(self) -> list[ParsedCall]:
+        return [ParsedCall(call_id, name, "".join(parts)) for call_id, name, parts in self._calls]
 
     def feed(self, text: str) -> StreamDelta:
         """What `text`, the next piece of the output, adds."""
@@ -213,24 +222,24 @@ class ToolCallStream:
 
     def finish(self) -> StreamDelta:
         """What the end of the output adds (text held back in case a tag or a call followed)."""
-        state = self._state
+        state, held = self._state, "".join(self._held)
         if state == "call" and not self._call.opened:
-            self._say_content(self._lead + "".join(self._call.text))
+            self._say(self._lead + "".join(self._call.text))
         elif state == "start":
-            self._say_content(self._pending)
+            self._say(held)
         elif state == "text":
-            self._say_content(self._pending.lstrip() if self._after_call else self._pending)
+            self._say(self._mark if self._after_call else held + self._mark)
         elif state == "open":
-            self._say_content(HERMES_OPEN + self._pending)
+            self._say(HERMES_OPEN + held)
         elif state == "raw":
-            self._say_content("".join(self._block))
-        self._state, self._pending = "finished", ""
+            self._say("".join(self._block))
+        self._state, self._held, self._mark = "finished", [], ""
         return self._take()
 
     def result(self) -> Parsed:
         """Everything read so far: the content (None when there are calls and no text) and the calls."""
         content = "".join(self._content)
-        return Parsed(None if self.calls and not content else content, list(self.calls))
+        return Parsed(None if self._calls and not content else content, self.calls)
 
     # ----- the formats, a character at a time ---------------------------------------------------
 
@@ -242,55 +251,75 @@ class ToolCallStream:
                 self._end_call(ch)
         elif state in ("raw", "after"):
             self._block_char(ch)
-        elif self.parser == "hermes":
-            self._feed_hermes(ch, state)
-        else:
-            self._feed_llama(ch, state)
-
-    def _feed_hermes(self, ch: str, state: str) -> None:
-        self._pending += ch
-        pending = self._pending
-        if state == "open":  # after `<tool_call>`: whitespace, then the call's `{`
+        elif state == "text" and self.parser == "hermes":
+            self._hermes_text(ch)
+        elif state == "text":
+            self._say(ch)
+        elif state == "open":  # hermes, after `<tool_call>`: whitespace, then the call's `{`
+            self._held.append(ch)
             if ch == "{":
-                self._start_call(HERMES_OPEN + pending[:-1])
+                self._start_call(HERMES_OPEN + "".join(self._held[:-1]))
             elif not ch.isspace():
-                self._to_block("raw", HERMES_OPEN + pending)
-            return
-        if pending.endswith(HERMES_OPEN):  # whitespace before a block is not content
-            self._say_content(pending[: -len(HERMES_OPEN)].rstrip())
-            self._state, self._pending = "open", ""
-            return
-        said = pending[: len(pending) - _partial_tag(pending, HERMES_OPEN)].rstrip()  # whitespace waits for what follows
-        if said:
-            self._say_content(said)
-            self._after_call = False
-            self._pending = pending[len(said) :]
+                self._to_block("raw", HERMES_OPEN + "".join(self._held))
+        elif state == "start":
+            self._llama_start(ch)
+        else:
+            self._llama_between(ch)
 
-    def _feed_llama(self, ch: str, state: str) -> None:
-        if state == "text":
-            self._say_content(ch)
+    def _hermes_text(self, ch: str) -> None:
+        """Text between blocks: whitespace waits for what follows, a tag's start for the rest of it."""
+        if self._mark:
+            mark = self._mark + ch
+            if mark == HERMES_OPEN:  # whitespace before a block is not content
+                self._state, self._held, self._mark = "open", [], ""
+                return
+            if HERMES_OPEN.startswith(mark):
+                self._mark = mark
+                return
+            keep = _partial_tag(mark, HERMES_OPEN)
+            said, self._mark = mark[: len(mark) - keep], mark[len(mark) - keep :]
+            text = said.rstrip()
+            self._say("".join(self._held) + text)
+            self._held, self._after_call = [said[len(text) :]] if len(text) < len(said) else [], False
+        elif ch == "<":
+            self._mark = ch
+        elif ch.isspace():
+            self._held.append(ch)
+        else:
+            self._say("".join(self._held) + ch)
+            self._held, self._after_call = [], False
+
+    def _llama_start(self, ch: str) -> None:
+        """Before the first call: whitespace and `<|python_tag|>`, then its `{`; anything else is text."""
+        self._held.append(ch)
+        if ch.isspace():
+            if self._mark in ("", PYTHON_TAG):
+                return
+        else:
+            self._mark += ch
+            if self._mark in ("{", PYTHON_TAG + "{"):
+                self._mark = ""
+                self._start_call("".join(self._held[:-1]))
+                return
+            if PYTHON_TAG.startswith(self._mark):
+                return
+        self._mark = ""
+        self._to_text("".join(self._held))
+
+    def _llama_between(self, ch: str) -> None:
+        """After a call: `;` and the next one, or the end; anything else is text."""
+        self._held.append(ch)
+        if ch.isspace():
             return
-        self._pending += ch
-        pending = self._pending
-        if state == "start":  # whitespace and `<|python_tag|>`, then the first call's `{`
-            lead = pending.lstrip()
-            if not lead or PYTHON_TAG.startswith(lead):
-                return
-            if lead.startswith(PYTHON_TAG):
-                lead = lead[len(PYTHON_TAG) :].lstrip()
-                if not lead:
-                    return
-            if lead == "{":
-                self._start_call(pending[:-1])
-            else:
-                self._to_text(pending)
-        elif state == "between":  # after a call: `;` and the next, or the end
-            if ch.isspace() or (ch == ";" and ";" not in pending[:-1]):
-                return
-            if ch == "{" and ";" in pending:
-                self._start_call("")
-            else:
-                self._to_text(pending)
+        if ch == ";" and not self._mark:
+            self._mark = ";"
+            return
+        if ch == "{" and self._mark:
+            self._mark = ""
+            self._start_call("")
+            return
+        self._mark = ""
+        self._to_text("".join(self._held))
 
     def _block_char(self, ch: str) -> None:
         """hermes: a character of a block being read to its `</tool_call>`."""
@@ -299,22 +328,22 @@ class ToolCallStream:
         if self._tail != HERMES_CLOSE:
             return
         if self._state == "raw":
-            self._say_content("".join(self._block))
+            self._say("".join(self._block))
             self._after_call = False
         else:
             self._after_call = True
-        self._state, self._pending, self._block, self._tail = "text", "", [], ""
+        self._state, self._held, self._block, self._tail = "text", [], [], ""
 
     def _to_block(self, state: str, text: str) -> None:
-        self._state, self._pending, self._block, self._tail = state, "", [], ""
+        self._state, self._held, self._block, self._tail = state, [], [], ""
         for ch in text:
             self._block_char(ch)
 
     # ----- calls ---------------------------------------------------------------------------------
 
     def _start_call(self, lead: str) -> None:
-        self._dropping = self._max_calls is not None and len(self.calls) >= self._max_calls
-        self._state, self._pending, self._lead = "call", "", lead
+        self._dropping = self._max_calls is not None and len(self._calls) >= self._max_calls
+        self._state, self._held, self._lead = "call", [], lead
         self._call = _CallObject(self._head, self._keys, self._call_event)
         self._call.feed("{")
 
@@ -327,7 +356,7 @@ class ToolCallStream:
         elif self.parser == "hermes":
             self._to_block("raw", raw)
         elif call.valid:
-            self._state, self._pending = "between", ""
+            self._state, self._held = "between", []
         else:
             self._to_text(raw)
 
@@ -335,31 +364,35 @@ class ToolCallStream:
         if self._dropping:
             return
         if kind == "open":
-            call = ParsedCall(self._new_id(), text)
-            self.calls.append(call)
-            entry = {"index": len(self.calls) - 1, "id": call.id, "type": "function"}
-            self._delta.tool_calls.append({**entry, "function": {"name": text, "arguments": ""}})
+            call_id = self._new_id()
+            self._calls.append((call_id, text, []))
+            entry = {"index": len(self._calls) - 1, "id": call_id, "type": "function", "function": {"name": text}}
+            self._entries.append((entry, []))
             return
-        self.calls[-1].arguments += text
-        last = self._delta.tool_calls[-1] if self._delta.tool_calls else None
-        if last is not None and last["index"] == len(self.calls) - 1:
-            last["function"]["arguments"] += text
-        else:
-            self._delta.tool_calls.append({"index": len(self.calls) - 1, "function": {"arguments": text}})
+        index = len(self._calls) - 1
+        self._calls[index][2].append(text)
+        if not self._entries or self._entries[-1][0]["index"] != index:
+            self._entries.append(({"index": index, "function": {}}, []))
+        self._entries[-1][1].append(text)
 
     # ----- content -------------------------------------------------------------------------------
 
     def _to_text(self, text: str) -> None:
-        self._state, self._pending = "text", ""
-        self._say_content(text)
+        self._state, self._held = "text", []
+        self._say(text)
 
-    def _say_content(self, text: str) -> None:
+    def _say(self, text: str) -> None:
         if text:
             self._content.append(text)
-            self._delta.content += text
+            self._said.append(text)
 
     def _take(self) -> StreamDelta:
-        delta, self._delta = self._delta, StreamDelta()
+        entries = []
+        for entry, fragments in self._entries:
+            entry["function"]["arguments"] = "".join(fragments)
+            entries.append(entry)
+        delta = StreamDelta("".join(self._said), entries)
+        self._said, self._entries = [], []
         return delta
 
 
@@ -384,12 +417,21 @@ def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _declared_only(schema: dict) -> dict:
+    """An arguments schema whose object holds only the declared parameters, unless it says otherwise
+    (OpenAI's strict mode requires `additionalProperties: false`; most tools' schemas leave it out)."""
+    if schema.get("type") == "object" and not {"additionalProperties", "patternProperties"} & set(schema):
+        return {**schema, "additionalProperties": False}
+    return schema
+
+
 def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool) -> str:
     """A lark grammar whose every sentence is a call (several with `parallel`) in `parser`'s format.
 
     Args:
         parser: one of PARSERS.
-        functions: (name, arguments JSON Schema) of each function the call may be to.
+        functions: (name, arguments JSON Schema) of each function the call may be to; an object
+            schema that does not say whether other keys are allowed allows none.
         parallel: one or more calls (hermes: one block per line; llama3_json: separated by `; `),
             else exactly one.
     """
@@ -404,6 +446,6 @@ def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool)
     for i, (name, schema) in enumerate(functions):
         head = opening + "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
         rules.append(f"call_{i}: {_lark_string(head)} args_{i} {_lark_string('}' + closing)}")
-        enforced = {**schema, "x-guidance": ARGUMENTS_JSON}
+        enforced = {**_declared_only(schema), "x-guidance": ARGUMENTS_JSON}
         rules.append(f"args_{i}: %json {json.dumps(enforced, ensure_ascii=False)}")
     return "\n".join(rules) + "\n"
