@@ -264,6 +264,7 @@ TOPICS = {
     "adapter cache hit ratio": ("loraplex_adapter_cache_hits_total", ") / sum(rate(loraplex_adapter_cache_lookups_total"),
     "slots used vs total": ("loraplex_adapter_slots_used", "loraplex_adapter_slots_total"),
     "KV cache use": ("loraplex_kv_cache_usage_ratio",),
+    "prefix cache hit ratio": ("loraplex_prefix_cache_hits_total", ") / sum(rate(loraplex_prefix_cache_queries_total"),
     "429 rate": ('status="rejected"', "rate(loraplex_requests_total"),
     "adapter load latency": ("histogram_quantile(", "loraplex_adapter_load_seconds_bucket"),
     "adapter registration latency": ("histogram_quantile(", "loraplex_adapter_register_seconds_bucket"),

@@ -27,6 +27,8 @@ BUSY = EngineSnapshot(
     adapter_evictions=5,
     adapter_lookups=40,
     adapter_hits=29,
+    prefix_cache_queries=512,
+    prefix_cache_hits=384,
 )
 
 
@@ -243,6 +245,8 @@ def test_gauges_and_slot_counters_mirror_the_snapshot():
     assert value(metrics, "loraplex_adapter_evictions_total") == 5
     assert value(metrics, "loraplex_adapter_cache_lookups_total") == 40
     assert value(metrics, "loraplex_adapter_cache_hits_total") == 29
+    assert value(metrics, "loraplex_prefix_cache_queries_total") == 512
+    assert value(metrics, "loraplex_prefix_cache_hits_total") == 384
 
 
 def test_a_scrape_reads_the_snapshot_once():

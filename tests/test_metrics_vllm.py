@@ -26,6 +26,13 @@ def test_vllm_gauges_carry_the_engines_state_with_vllms_labels(name, expected):
     assert value(Metrics(lambda: BUSY, "vllm", "demo"), name, **LABELS) == expected
 
 
+@pytest.mark.parametrize("name, expected", [("vllm:prefix_cache_queries_total", 512), ("vllm:prefix_cache_hits_total", 384)])
+def test_vllm_prefix_cache_counters_count_tokens_with_vllms_labels(name, expected):
+    metrics = Metrics(lambda: BUSY, "vllm", "demo")
+    assert families(metrics)[name.removesuffix("_total")].type == "counter"
+    assert value(metrics, name, **LABELS) == expected
+
+
 def test_vllm_lora_requests_info_is_one_series_naming_adapters_with_running_or_waiting_requests():
     series = families(Metrics(lambda: BUSY, "vllm", "demo"))["vllm:lora_requests_info"].samples
     assert [(sample.labels, sample.value) for sample in series] == [
@@ -48,7 +55,7 @@ def test_the_compat_exposition_only_lints_for_vllms_colons():
     text = Metrics(lambda: BUSY, "vllm", "demo").render()[0]
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60, check=False)
     problems = [line for line in (result.stdout + result.stderr).decode().splitlines() if line.strip()]
-    assert len(problems) == 4
+    assert len(problems) == 6
     assert all(line.startswith("vllm:") and line.endswith("metric names should not contain ':'") for line in problems)
 
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PeftOracle
 from live_server import LiveServer, server_config
+from loadtest import prefix_cache as prefix_bench
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.prefix_cache import extend_keys
 from loraplex.engine.request import Completion, SamplingParams
@@ -246,6 +247,7 @@ def test_a_replaced_adapter_version_does_not_reuse_the_old_versions_blocks(llama
     prompt = prompt_of(40, 4)
     run_checked(engine, [prompt], ["r8-attn"], logits_params())
     engine.load_adapter("r8-attn", llama.adapter_dirs["r16-mlp"])  # same name, new weights, new uid
+    engine.prefetch(["r8-attn"])  # read the new version now: run_checked's steps do not wait for reads
     replaced = run_checked(engine, [prompt], ["r8-attn"], logits_params())
     assert hits(engine) == 0
     assert_matches(oracle, [("r16-mlp", None)], [prompt], replaced, tol=PEFT_TOL)
@@ -367,3 +369,35 @@ def test_a_live_servers_metrics_count_prefix_cache_queries_and_hits_in_tokens(ll
     vllm = (("engine", "0"), ("model_name", "tiny-base"))
     assert samples[("loraplex_prefix_cache_queries_total", ())] == samples[("vllm:prefix_cache_queries_total", vllm)] == 80
     assert samples[("loraplex_prefix_cache_hits_total", ())] == samples[("vllm:prefix_cache_hits_total", vllm)] == 32
+
+
+# ----- the benchmark (loadtest/prefix_cache.py) ---------------------------------------------------
+
+
+def test_the_benchmarks_trace_shares_one_system_prompt_and_draws_fresh_questions_each_round():
+    config = prefix_bench.PrefixBenchConfig(system_len=32, question_len=(4, 8), requests=3)
+    system = list(range(10, 42))
+    first, second = prefix_bench.trace(config, system, 1), prefix_bench.trace(config, system, 2)
+    assert all(spec.prompt[:32] == system and 36 <= len(spec.prompt) <= 40 for spec in first + second)
+    assert [spec.prompt for spec in first] != [spec.prompt for spec in second]
+    assert [spec.prompt for spec in first] == [spec.prompt for spec in prefix_bench.trace(config, system, 1)]
+
+
+@pytest.mark.parametrize(
+    "cached, uncached, expected",
+    [((0.02, 0.04, 300.0), (0.08, 0.1, 200.0), (0.25, 0.4, 1.5)), ((None, None, None), (0.08, 0.1, 200.0), (None, None, None))],
+)
+def test_the_benchmark_takes_cached_over_uncached_within_a_round(cached, uncached, expected):
+    runs = [prefix_bench.RunFigures(server, 1, *values, 0) for server, values in (("cached", cached), ("uncached", uncached))]
+    ratios = prefix_bench.round_ratios(*runs, "cached then uncached")
+    assert (ratios.ttft_p50, ratios.ttft_p90, ratios.output_tokens_per_s) == pytest.approx(expected)
+
+
+def test_the_benchmark_runs_both_servers_and_reads_the_cached_ones_hit_rate():
+    """A bounded run on the tiny shape: one round of four requests on each server."""
+    argv = ["--model-config", "tiny", "--rounds", "1", "--requests", "4", "--concurrency", "2", "--system-len", "64",
+            "--output-len", "4", "--server-threads", "1", "--max-seconds", "120"]  # fmt: skip
+    ratios, hit_rate = prefix_bench.main(argv)
+    assert [row.round for row in ratios] == [1]
+    assert ratios[0].ttft_p50 is not None and ratios[0].output_tokens_per_s is not None
+    assert hit_rate is not None and hit_rate > 0.3  # 64 of each 80 to 128 prompt tokens are the shared prefix
