@@ -11,6 +11,7 @@ from collections import Counter
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PeftOracle
@@ -324,6 +325,19 @@ def test_n_requests_with_one_prompt_compute_its_full_blocks_once(llama, max_num_
     alone = [reference.generate([prompt], ["r8-attn"], request_params)[0].output_ids for request_params in params]
     assert [completion.output_ids for completion in together] == alone
     assert len({tuple(tokens) for tokens in alone}) > 1  # the seeds differ, so the comparison is not vacuous
+
+
+@pytest.mark.kernels
+def test_siblings_read_the_blocks_written_in_their_own_step_on_the_triton_kernels(llama, oracle):
+    """The Triton attention also writes the step's K/V before it attends (interpreted here, off CUDA)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the compiled kernels are checked by test_gpu.py")
+    engine = make_engine(llama, kernel_backend="triton")
+    prompts = [SYSTEM + prompt_of(3, 40), SYSTEM + prompt_of(6, 41)]
+    completions = run_checked(engine, prompts, ["r8-attn"] * 2, logits_params())
+    assert hits(engine) == 32  # the second read the first one's two blocks in the step that wrote them
+    assert_matches(oracle, [("r8-attn", None)] * 2, prompts, completions, tol=PEFT_TOL)
 
 
 def test_the_fair_queue_is_charged_only_the_prompt_tokens_computed(llama):
