@@ -60,6 +60,9 @@ CASES = [
     ("hermes", '<tool_call>{"name": "f"}</tool_call>', '<tool_call>{"name": "f"}</tool_call>', []),
     ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>', None, [("f", '{"a": 1}')]),
     ("hermes", "ends in a partial tag <tool_ca", "ends in a partial tag <tool_ca", []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n\n', None, [("f", "{}")]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool', "\n<tool", [("f", "{}")]),
+    ("hermes", "a <<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>", "a <", [("f", "{}")]),
     ("hermes", '<tool_call>{"name": "f", "arguments": {"a"', None, [("f", '{"a"')]),  # cut off: as far as it got
     ("llama3_json", "The answer is 4.", "The answer is 4.", []),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", '{"city": "Paris"}')]),

@@ -228,7 +228,7 @@ class ToolCallStream:
         elif state == "start":
             self._say(held)
         elif state == "text":
-            self._say(self._mark if self._after_call else held + self._mark)
+            self._say(held + self._mark if self._mark or not self._after_call else "")  # whitespace after a call
         elif state == "open":
             self._say(HERMES_OPEN + held)
         elif state == "raw":
