@@ -297,9 +297,11 @@ def call_of(model, client, **fields):
     return client.chat.completions.create(model=model, **fields).choices[0]
 
 
-def arguments_match(call) -> None:
+def arguments_match(function) -> None:
+    """The call's function (the SDK's, or a dict) names a tool and its arguments are valid against its schema."""
+    name, arguments = (function["name"], function["arguments"]) if isinstance(function, dict) else (function.name, function.arguments)
     schema = {"get_weather": WEATHER, "ping": {"type": "object", "properties": {}, "additionalProperties": False}}
-    jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
+    jsonschema.validate(json.loads(arguments), schema[name])
 
 
 @pytest.mark.parametrize("model", ["tiny-base", "hermes-tools", "llama3-tools"])
@@ -309,7 +311,7 @@ def test_a_named_function_is_called_with_arguments_matching_its_schema(client, m
     assert choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
-    arguments_match(call)
+    arguments_match(call.function)
 
 
 def test_required_calls_one_of_the_tools(client):
@@ -317,7 +319,7 @@ def test_required_calls_one_of_the_tools(client):
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
     assert call.function.name in ("get_weather", "ping")
-    arguments_match(call)
+    arguments_match(call.function)
 
 
 def test_a_streamed_call_arrives_as_openai_sends_it_and_matches_the_whole_answer(client):
@@ -337,6 +339,23 @@ def test_a_streamed_call_arrives_as_openai_sends_it_and_matches_the_whole_answer
     assert arguments == whole.message.tool_calls[0].function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+
+
+def test_each_streamed_choice_numbers_its_own_calls(client):
+    chunks = client.chat.completions.create(
+        model="tiny-base", messages=ASK, tools=[WEATHER_TOOL, PING], tool_choice="required", parallel_tool_calls=False,
+        max_tokens=200, temperature=1.0, seed=7, n=2, stream=True,
+    )  # fmt: skip
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        (choice,) = chunk.choices
+        for entry in choice.delta.tool_calls or []:
+            assert entry.index == 0  # one call per choice: each choice counts from 0
+            call = calls.setdefault(choice.index, {"name": entry.function.name, "arguments": ""})
+            call["arguments"] += entry.function.arguments or ""
+    assert set(calls) == {0, 1}
+    for call in calls.values():
+        arguments_match(call)
 
 
 def test_the_async_client_gets_the_same_call(client, server):
@@ -360,7 +379,7 @@ def test_parallel_calls_are_each_a_whole_call(client):
     assert calls and len({call.id for call in calls}) == len(calls)
     for call in calls:
         assert call.function.name == "get_weather"
-        arguments_match(call)
+        arguments_match(call.function)
 
 
 @pytest.mark.parametrize(
@@ -400,7 +419,7 @@ def test_a_history_of_calls_and_results_renders_and_answers(client):
         {"role": "tool", "tool_call_id": "call_1", "content": '{"forecast": "sun"}'},
     ]  # fmt: skip
     choice = call_of("hermes-tools", client, messages=history, tool_choice=NAMED, parallel_tool_calls=False)
-    arguments_match(choice.message.tool_calls[0])
+    arguments_match(choice.message.tool_calls[0].function)
 
 
 @pytest.mark.parametrize(
