@@ -7,11 +7,14 @@ engine holds the request back from the scheduler until its matcher is ready (`po
 scheduler passes over a request whose adapter is still being read. Matchers are copied
 (`deep_copy`) from a template per grammar string, kept in a bounded LRU, so a repeated schema
 costs one build. The llguidance tokenizer is built once, from the base's Hugging Face tokenizer,
-on the pool when the first grammar needs it. Each step, `fill_bitmask` computes the
-[M, ceil(V/32)] int32 bitmask of the constrained rows (in parallel, on llguidance's own threads,
-with its parser limits bounding each mask's work), and `advance` feeds the matcher the sampled
-token. The matcher lives on the `Request`, so preemption (recompute) leaves it consistent: output
-ids never shrink and the matcher has consumed exactly them.
+on the pool when the first grammar needs it. Each step, `fill_bitmask` gives the
+[M, ceil(V/32)] int32 bitmask of the constrained rows (on llguidance's own threads, with its
+parser limits bounding each mask's work), and `advance` feeds the matcher the sampled token.
+Once a step's tokens are in, `prefetch` starts computing the next masks on a background thread,
+so they are ready when the next forward pass (which does not need them) ends, as vLLM overlaps
+mask computation with the model; a request without a prefetched mask has its own computed then.
+The matcher lives on the `Request`, so preemption (recompute) leaves it consistent: output ids
+never shrink and the matcher has consumed exactly them.
 
 It knows token ids and grammar strings, never request text or JSON schemas, and never touches the
 scheduler, the KV cache or the model.
@@ -79,6 +82,8 @@ class GrammarMatchers:
         self._pool: ThreadPoolExecutor | None = None
         self._executor: llguidance.LLExecutor | None = None
         self._builds: dict[str, _Build] = {}  # request id -> its matcher being built
+        self._mask_pool: ThreadPoolExecutor | None = None
+        self._next: dict[str, tuple[Future, int]] = {}  # request id -> (its prefetched masks, its row in them)
 
     @property
     def pending(self) -> int:
@@ -116,6 +121,7 @@ class GrammarMatchers:
     def free(self, request: Request) -> None:
         """Forget `request`'s matcher (finished or cancelled); a build in flight is dropped when it ends."""
         self._builds.pop(request.request_id, None)
+        self._next.pop(request.request_id, None)
         request.matcher = None
 
     def fill_bitmask(self, requests: list[Request]) -> torch.Tensor:
@@ -128,24 +134,48 @@ class GrammarMatchers:
             [M, ceil(V_tok / 32)] int32: bit j of word w of row i allows token 32 * w + j, over the
             tokenizer's vocabulary V_tok.
         """
+        prefetched = [self._next.pop(request.request_id, None) for request in requests]
+        missing = [request for request, ahead in zip(requests, prefetched) if ahead is None]
+        computed = iter(self._fill([request.matcher for request in missing]) if missing else [])
+        rows = [next(computed) if ahead is None else ahead[0].result()[ahead[1]] for ahead in prefetched]
+        return torch.stack(rows)
+
+    def prefetch(self, requests: list[Request]) -> None:
+        """Start computing the next masks of `requests` that still run with a matcher, off the engine thread.
+
+        Their matchers must not advance before `fill_bitmask` took the masks (which waits for them).
+        """
+        running = [request for request in requests if request.matcher is not None and not request.finished]
+        if not running:
+            return
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="loraplex-masks")
+        future = self._mask_pool.submit(self._fill, [request.matcher for request in running])
+        for row, request in enumerate(running):
+            self._next[request.request_id] = (future, row)
+
+    def _fill(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
+        """[len(matchers), W] int32: each matcher's next-token bitmask."""
         if self._executor is None:
             self._executor = llguidance.LLExecutor(MASK_THREADS)
         words = -(-self._tokenizer.vocab_size // 32)
-        bitmask = torch.zeros(len(requests), words, dtype=torch.int32)  # [M, W]
+        bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [M, W]
         # llguidance.torch's fill_next_token_bitmask_par does this; importing that module compiles a
         # torch function (seconds) the engine does not need.
         self._executor.unsafe_compute_mask_ptr(
-            [(request.matcher, row) for row, request in enumerate(requests)], bitmask.data_ptr(), 4 * words, len(requests)
+            [(matcher, row) for row, matcher in enumerate(matchers)], bitmask.data_ptr(), 4 * words, len(matchers)
         )
         return bitmask
 
-    @staticmethod
-    def advance(request: Request, token: int) -> bool:
+    def advance(self, request: Request, token: int) -> bool:
         """Feed `request`'s matcher the token it sampled; returns whether the grammar is complete.
 
         Raises:
             ValueError: the grammar refused the token (it was masked, so only a broken mask does this).
         """
+        ahead = self._next.pop(request.request_id, None)
+        if ahead is not None:  # not taken by fill_bitmask (a row sampled alone): let it finish before the matcher moves
+            ahead[0].result()
         matcher = request.matcher
         if not matcher.consume_token(token):
             raise ValueError(f"the grammar refused token {token}: {matcher.get_error()}")

@@ -120,6 +120,8 @@ class OutputProcessor:
             n = request.params.logprobs
             kept = (logprob, alternatives[:n]) if n is not None else (None, None)
             self._guarded(request, lambda: self._append_token(request, token, *kept))
+        if self._grammars is not None:
+            self._grammars.prefetch(requests)  # the next step's masks, computed while its forward pass runs
 
     def blame(self, seqs: list[ScheduledSeq], problem: str) -> None:
         """Fail the sequences that break a step alone.
@@ -199,7 +201,7 @@ class OutputProcessor:
         gap = None if request.last_token_time is None else now - request.last_token_time
         request.first_token_time = request.first_token_time or now
         request.last_token_time = now
-        complete = request.matcher is not None and GrammarMatchers.advance(request, token)
+        complete = request.matcher is not None and self._grammars.advance(request, token)
         request.output_ids.append(token)
         params = request.params
         finish = None
