@@ -343,6 +343,30 @@ def test_streamed_text_offsets_index_the_whole_text(client):
     assert text == whole.text and tokens == whole.logprobs.tokens
     assert offsets == whole.logprobs.text_offset
 
+
+def test_a_response_message_sent_back_whole_is_accepted(client):
+    """`message.model_dump()` carries refusal, annotations, audio and function_call as null: the next turn takes it."""
+    asked = [{"role": "user", "content": "hi"}]
+    first = client.chat.completions.create(model=BASE, messages=asked, max_tokens=2, temperature=0)
+    sent_back = first.choices[0].message.model_dump()
+    assert {"refusal", "annotations", "audio", "function_call"} <= set(sent_back)
+    history = [*asked, sent_back, {"role": "user", "content": "ok"}]
+    again = client.chat.completions.create(model=BASE, messages=history, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_an_assistant_refusal_is_rendered_as_its_words(client):
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I refuse"}]
+    refused_ = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "refusal": "I refuse"}]
+    tokens = [client.chat.completions.create(model=BASE, messages=m, max_tokens=1).usage.prompt_tokens for m in (said, refused_)]
+    assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("field", ["audio", "function_call"])
+def test_an_assistant_message_with_audio_or_a_legacy_function_call_is_refused_naming_it(http, field):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", field: {"id": "a"}}]
+    refused(http.post("/v1/chat/completions", json={"model": BASE, "messages": messages}), 400, f"messages.1.{field}")
+
 # ----- vLLM's adapter management ------------------------------------------------------------------
 
 

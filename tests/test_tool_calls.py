@@ -20,7 +20,8 @@ import pytest
 
 from live_server import LiveServer, server_config
 from loraplex.api.chat_template import ChatTemplateRenderer
-from loraplex.api.tool_calls import PARSERS, ToolCallStream, call_grammar, parse_tool_calls, parser_for_template
+from loraplex.api.tool_calls import PARSERS, ToolCallStream, parse_tool_calls, parser_for_template
+from loraplex.api.tool_grammar import call_grammar
 
 WEATHER = {
     "type": "object",

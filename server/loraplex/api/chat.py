@@ -25,7 +25,8 @@ from loraplex.api.route import Plan, choice_params, respond, token_budget
 from loraplex.api.schemas import ChatCompletionRequest, ChatMessage
 from loraplex.api.services import Services, services
 from loraplex.api.structured_output import grammar_for_lark, requested_grammar
-from loraplex.api.tool_calls import ToolCallStream, call_grammar, new_call_id, parse_tool_calls, parser_for_template
+from loraplex.api.tool_calls import ToolCallStream, new_call_id, parse_tool_calls, parser_for_template
+from loraplex.api.tool_grammar import call_grammar
 from loraplex.api.tool_schemas import ToolDefinition
 from loraplex.engine.request import SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import RequestInvalid

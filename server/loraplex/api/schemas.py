@@ -227,10 +227,17 @@ class ChatMessage(_Strict):
     name: Name | None = None
     tool_call_id: Name | None = None
     tool_calls: ToolCalls | None = None  # an assistant's calls, rendered by tool-calling templates
+    # What a response's message carries besides, so a client may send it back as it came
+    # (`message.model_dump()` in the openai SDK): an assistant's refusal is its words; the
+    # others are accepted only empty, as nothing here produces or renders them.
+    refusal: Text | None = None
+    annotations: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    audio: None = None
+    function_call: None = None
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)

@@ -8,9 +8,8 @@ Owns: the two formats loraplex reads, as vLLM's parsers of the same names read t
 choosing one from a chat template's text (`parser_for_template`); `ToolCallStream`, which reads
 the text a character at a time and says what is new (content, a call's opening with its id and
 name, fragments of its arguments), so any chunking of one text gives the same calls and content,
-and `parse_tool_calls` is that stream run over the whole text; and `call_grammar`, the lark
-grammar (llguidance's, `%json` for the arguments) that makes a model's output exactly one call,
-or several, in a format, for `tool_choice` required or a named function.
+and `parse_tool_calls` is that stream run over the whole text. The grammar that makes a model
+write calls in these formats is tool_grammar.py's.
 
 A call's `arguments` is the JSON text of its arguments object as the model wrote it (when the
 call opens with its name, as every grammar here and every model we know writes it), so streamed
@@ -35,8 +34,6 @@ _HEAD = {
     "llama3_json": re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:parameters|arguments)"\s*:\s*\{', re.S),
 }
 _ARGUMENT_KEYS = {"hermes": ("arguments",), "llama3_json": ("parameters", "arguments")}
-# arguments as json.dumps writes them (structured_output.py's defaults); a keyword that cannot be enforced is an error
-ARGUMENTS_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
 
 
 def new_call_id() -> str:
@@ -410,42 +407,3 @@ def parse_tool_calls(parser: str, text: str, new_id: Callable[[], str], max_call
     stream.feed(text)
     stream.finish()
     return stream.result()
-
-
-def _lark_string(text: str) -> str:
-    """`text` as a lark string literal (JSON's escapes are lark's)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _declared_only(schema: dict) -> dict:
-    """An arguments schema whose object holds only the declared parameters, unless it says otherwise
-    (OpenAI's strict mode requires `additionalProperties: false`; most tools' schemas leave it out)."""
-    if schema.get("type") == "object" and not {"additionalProperties", "patternProperties"} & set(schema):
-        return {**schema, "additionalProperties": False}
-    return schema
-
-
-def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool) -> str:
-    """A lark grammar whose every sentence is a call (several with `parallel`) in `parser`'s format.
-
-    Args:
-        parser: one of PARSERS.
-        functions: (name, arguments JSON Schema) of each function the call may be to; an object
-            schema that does not say whether other keys are allowed allows none.
-        parallel: one or more calls (hermes: one block per line; llama3_json: separated by `; `),
-            else exactly one.
-    """
-    if parser not in PARSERS:
-        raise ValueError(f"unknown tool call parser {parser!r}")
-    key, opening, closing, separator = {
-        "hermes": ("arguments", HERMES_OPEN + "\n", "\n" + HERMES_CLOSE, "\n"),
-        "llama3_json": ("parameters", "", "", "; "),
-    }[parser]
-    rules = [f"start: call ({_lark_string(separator)} call)*" if parallel else "start: call"]
-    rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
-    for i, (name, schema) in enumerate(functions):
-        head = opening + "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
-        rules.append(f"call_{i}: {_lark_string(head)} args_{i} {_lark_string('}' + closing)}")
-        enforced = {**_declared_only(schema), "x-guidance": ARGUMENTS_JSON}
-        rules.append(f"args_{i}: %json {json.dumps(enforced, ensure_ascii=False)}")
-    return "\n".join(rules) + "\n"

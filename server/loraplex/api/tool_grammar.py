@@ -1,0 +1,53 @@
+"""The grammar of tool calls: what `tool_choice` required or a named function constrains an output to.
+
+Owns: `call_grammar`, the lark grammar (llguidance's, `%json` for the arguments) whose every
+sentence is exactly one call, or several, in one of tool_calls.py's formats, with each call's
+arguments held to its function's JSON Schema. It builds text only: structured_output.py checks
+and compiles it, tool_calls.py reads what the model then writes. It must not know HTTP or the engine.
+"""
+
+import json
+
+from loraplex.api.tool_calls import HERMES_CLOSE, HERMES_OPEN, PARSERS
+
+# arguments as json.dumps writes them (structured_output.py's defaults); a keyword that cannot be enforced is an error
+ARGUMENTS_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
+
+
+def _lark_string(text: str) -> str:
+    """`text` as a lark string literal (JSON's escapes are lark's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _declared_only(schema: dict) -> dict:
+    """An arguments schema whose object holds only the declared parameters, unless it says otherwise
+    (OpenAI's strict mode requires `additionalProperties: false`; most tools' schemas leave it out)."""
+    if schema.get("type") == "object" and not {"additionalProperties", "patternProperties"} & set(schema):
+        return {**schema, "additionalProperties": False}
+    return schema
+
+
+def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool) -> str:
+    """A lark grammar whose every sentence is a call (several with `parallel`) in `parser`'s format.
+
+    Args:
+        parser: one of PARSERS.
+        functions: (name, arguments JSON Schema) of each function the call may be to; an object
+            schema that does not say whether other keys are allowed allows none.
+        parallel: one or more calls (hermes: one block per line; llama3_json: separated by `; `),
+            else exactly one.
+    """
+    if parser not in PARSERS:
+        raise ValueError(f"unknown tool call parser {parser!r}")
+    key, opening, closing, separator = {
+        "hermes": ("arguments", HERMES_OPEN + "\n", "\n" + HERMES_CLOSE, "\n"),
+        "llama3_json": ("parameters", "", "", "; "),
+    }[parser]
+    rules = [f"start: call ({_lark_string(separator)} call)*" if parallel else "start: call"]
+    rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
+    for i, (name, schema) in enumerate(functions):
+        head = opening + "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
+        rules.append(f"call_{i}: {_lark_string(head)} args_{i} {_lark_string('}' + closing)}")
+        enforced = {**_declared_only(schema), "x-guidance": ARGUMENTS_JSON}
+        rules.append(f"args_{i}: %json {json.dumps(enforced, ensure_ascii=False)}")
+    return "\n".join(rules) + "\n"
