@@ -200,13 +200,16 @@ def _checked(kind: str, spec: str, param: str, tokenizer) -> str:
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _compile(kind: str, spec: str, tokenizer) -> tuple[str, str | None]:
     """(grammar, None), or (grammar, why llguidance refuses it); errors are cached as results are."""
-    if kind == "json":
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=JSON_DEFAULTS, overrides=JSON_OVERRIDES)
-    elif kind == "regex":
-        grammar = llguidance.LLMatcher.grammar_from_regex(spec)
-    else:
-        grammar = llguidance.LLMatcher.grammar_from_lark(spec)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=parser_limits())
+    try:
+        if kind == "json":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=JSON_DEFAULTS, overrides=JSON_OVERRIDES)
+        elif kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(spec)
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_lark(spec)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=parser_limits())
+    except (ValueError, TypeError) as exc:  # what the library raises on input it cannot read
+        return "", str(exc)
     if is_error:
         return grammar, messages[0].strip()
     if kind == "json" and messages:  # a warning on a schema is something it asks that would not be enforced
