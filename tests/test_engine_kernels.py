@@ -2,7 +2,7 @@
 
 Here the kernels run under Triton's interpreter on CPU tensors (conftest.py turns it on without
 CUDA), so every step of these engines goes through the paged-attention kernel and the SGMV/BGMV
-LoRA kernels, and the tokens must be identical to PEFT's in float32, logits within 1e-4: a mixed
+LoRA kernels, and the tokens must be identical to PEFT's in float32, logits within 1e-4 of their scale: a mixed
 batch (eagerly, and with decode steps replayed from graph buffers), chunked prefill with
 preemption, a sliding window, and a live server answering the openai SDK. On a GPU the same checks run compiled in tests/test_gpu.py.
 """
