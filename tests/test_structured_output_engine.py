@@ -24,6 +24,7 @@ from loraplex.engine.sampling import apply_token_bitmask
 from loraplex.engine.wire import params_from_wire, params_to_wire
 from loraplex.errors import RequestInvalid
 from test_engine_matches_peft import make_engine, prompt_of
+from tiny import VOCAB_SIZE
 
 MAX_NEW = 24
 EOS = 1  # the tiny tokenizer's </s>
@@ -224,3 +225,20 @@ def test_a_grammar_must_be_a_bounded_string(grammar):
     with pytest.raises(RequestInvalid) as caught:
         SamplingParams(grammar=grammar)
     assert caught.value.param == "grammar"
+
+
+def test_logprobs_of_a_constrained_request_stay_the_raw_models(llama, peft):
+    """In raw_logits mode the full-vocabulary alternatives are PEFT's unmasked logits, refused tokens included."""
+    engine = make_engine(llama)
+    prompt = prompt_of(6, 800)
+    params = SamplingParams(max_tokens=6, temperature=0, grammar=GRAMMARS["regex-digits"], logprobs=VOCAB_SIZE)
+    (completion,) = engine.generate([prompt], ["r8-attn"], params)
+    peft.model.set_adapter("r8-attn")
+    for step, alternatives in enumerate(completion.top_logprobs):
+        with torch.no_grad():
+            raw = peft.model(input_ids=torch.tensor([prompt + completion.output_ids[:step]])).logits[0, -1].float()
+        returned = torch.full((VOCAB_SIZE,), float("nan"))
+        for token, value in alternatives:
+            returned[token] = value
+        assert torch.isfinite(returned).all(), "a token the grammar refuses lost its raw logit"
+        assert (returned - raw).abs().max().item() <= 1e-4
