@@ -242,3 +242,17 @@ def test_logprobs_of_a_constrained_request_stay_the_raw_models(llama, peft):
             returned[token] = value
         assert torch.isfinite(returned).all(), "a token the grammar refuses lost its raw logit"
         assert (returned - raw).abs().max().item() <= 1e-4
+
+
+def test_a_seeded_constrained_request_draws_the_same_tokens_whatever_shares_its_step(llama):
+    engine = make_engine(llama)
+    target = SamplingParams(max_tokens=40, temperature=1.0, seed=11, grammar=GRAMMARS["schema"])
+    prompt = prompt_of(7, 900)
+    (alone,) = engine.generate([prompt], ["r16-mlp"], target)
+    company = [params_of("lark"), params_of(None), SamplingParams(max_tokens=30, temperature=0.8, seed=3, grammar=GRAMMARS["object"])]
+    crowd = engine.generate(
+        [prompt_of(5, 901), prompt_of(9, 902), prompt_of(3, 903), prompt],
+        [None, "r4-qv", "r8-attn", "r16-mlp"],
+        [*company, target],
+    )
+    assert crowd[-1].output_ids == alone.output_ids
