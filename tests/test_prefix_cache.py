@@ -50,6 +50,13 @@ def test_a_blocks_key_names_its_tokens_its_prefix_and_its_adapter_version(first,
     assert [a == b for a, b in zip(keys_a, keys_b, strict=True)] == same
 
 
+def test_a_tenants_blocks_have_keys_of_its_own():
+    tokens = [1] * 8
+    keys = {tenant: extend_keys([], tokens, 4, "uid", tenant) for tenant in (None, "acme", "globex", "acme")}
+    assert len({tuple(k) for k in keys.values()}) == 3
+    assert extend_keys([], tokens, 4, "uid", "acme") == keys["acme"]
+
+
 def test_only_full_blocks_have_keys_and_extending_equals_computing_at_once():
     tokens = list(range(11))
     grown = extend_keys([], tokens[:5], 4, "uid")
@@ -167,13 +174,13 @@ def assert_blocks_consistent(engine) -> None:
     assert all(cache.refcount(block) == count for block, count in holders.items() if count > 1)
 
 
-def run_checked(engine, prompts, adapters, params) -> list[Completion]:
-    """`engine.generate`, stepping by hand and checking the block books after every step."""
+def run_checked(engine, prompts, adapters, params, tenant: str = DEFAULT_TENANT) -> list[Completion]:
+    """`engine.generate` for `tenant`, stepping by hand and checking the block books after every step."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     collected = []
     for prompt, adapter, request_params in zip(prompts, adapters, params, strict=True):
         events = []
-        engine.add_request(prompt, adapter, request_params, sink=events.append, bounded=False)
+        engine.add_request(prompt, adapter, request_params, sink=events.append, bounded=False, tenant=tenant)
         collected.append(events)
     for _ in range(MAX_STEPS):
         engine.step()  # the first one takes the requests in
@@ -285,7 +292,7 @@ def test_idle_cached_blocks_are_evicted_least_recently_used_first_under_pressure
     """12 blocks of 8; each request holds 6 and leaves 5 cached. The third evicts 4 of the first's, its tail first."""
     engine = make_engine(llama, num_kv_blocks=12, block_size=8)
     first, second, third = (prompt_of(33, 30 + i) for i in range(3))
-    first_keys, second_keys = extend_keys([], first, 8, None), extend_keys([], second, 8, None)
+    first_keys, second_keys = (extend_keys([], prompt, 8, None, DEFAULT_TENANT) for prompt in (first, second))
     cache = engine.scheduler.prefix_cache
     run_checked(engine, [first], [None], logits_params())
     run_checked(engine, [second], [None], logits_params())
@@ -357,11 +364,25 @@ def test_a_failed_requests_blocks_are_uncached(llama):
     prompt = prompt_of(40, 10)
     engine.add_request(prompt, None, SamplingParams(max_tokens=5, temperature=0))
     engine.step()
-    cache, keys = engine.scheduler.prefix_cache, extend_keys([], prompt, 16, None)
+    cache, keys = engine.scheduler.prefix_cache, extend_keys([], prompt, 16, None, DEFAULT_TENANT)
     assert len(cache.lookup(keys)) == 2
     engine.outputs.fail(engine.scheduler.running[0], "injected")
     assert cache.lookup(keys) == []
     assert engine.kv_cache.allocator.num_free == engine.kv_cache.allocator.num_blocks
+
+
+@pytest.mark.parametrize(("scope", "other_tenants_hits"), [("tenant", 0), ("global", 32)])
+def test_a_cached_prefix_serves_other_tenants_only_with_a_global_scope(llama, scope, other_tenants_hits):
+    """The base model's blocks of one tenant's prompt: its own next request hits; another tenant's only when global."""
+    engine = make_engine(llama, prefix_cache_scope=scope)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    first = run_checked(engine, [SYSTEM], [None], params, tenant="acme")
+    assert hits(engine) == 0
+    other = run_checked(engine, [SYSTEM], [None], params, tenant="globex")
+    assert hits(engine) == other_tenants_hits
+    again = run_checked(engine, [SYSTEM], [None], params, tenant="acme")
+    assert hits(engine) == other_tenants_hits + 32  # two full blocks of 16: its own prefix always serves it
+    assert first[0].output_ids == other[0].output_ids == again[0].output_ids
 
 
 def test_with_the_cache_off_nothing_is_looked_up_or_cached(llama):

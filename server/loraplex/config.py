@@ -84,6 +84,11 @@ class EngineConfig(BaseModel):
         default=True,
         description="Reuse the KV blocks of a prompt prefix already computed for the same adapter version (same outputs).",
     )
+    prefix_cache_scope: Literal["tenant", "global"] = Field(
+        default="tenant",
+        description="Who reuses a cached prefix: tenant, only the tenant whose request computed it (no tenant can time "
+        "another's prompts); global, every tenant calling the same adapter version (more hits on a shared system prompt).",
+    )
     lora_strategy: Literal["auto", "dense", "gather", "segment"] = Field(
         default="auto",
         description="How a step's LoRA deltas are computed: auto picks the cheapest per layer; the others force one.",

@@ -107,6 +107,7 @@ class Engine(EngineFront):
             fair=config.scheduling == "fair",
             tenant_weights=config.tenant_weights,
             prefix_caching=config.enable_prefix_caching,
+            prefix_per_tenant=config.prefix_cache_scope == "tenant",
         )
         self.scheduler = Scheduler(limits, self.kv_cache, self.slots, self.host)
         self.runner = ModelRunner(

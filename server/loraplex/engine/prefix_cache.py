@@ -6,9 +6,11 @@ LRU of cached blocks that nobody references (handed back for reuse, least recent
 only when the allocator's free list is empty), and the hit-rate counters (in tokens, as vLLM's
 `prefix_cache_queries` / `prefix_cache_hits`). `extend_keys` builds the keys: block i's key is
 SHA-256 over block i - 1's key, the adapter version's identity (`LoraAdapter.uid`; the base
-model, None, is a namespace of its own) and block i's token ids. A token's K/V depends on every
-token before it and on the adapter, so equal keys mean equal K/V; a cryptographic hash, as vLLM's
-`sha256` option, so that no request can forge another's key. Only full blocks have keys.
+model, None, is a namespace of its own), the tenant's name when the cache is scoped to tenants
+(the default: no tenant can tell from its time to first token that another sent a prefix) and
+block i's token ids. A token's K/V depends on every token before it and on the adapter, so equal
+keys mean equal K/V; a cryptographic hash, as vLLM's `sha256` option, so that no request can forge
+another's key. Only full blocks have keys.
 
 It must not: decide what a request computes (the scheduler does), hand out a block that anyone
 references, or touch the cache tensors. Blocks that were never cached are the allocator's
@@ -23,7 +25,9 @@ from collections.abc import Iterable, Sequence
 BASE_NAMESPACE = b"base"  # the base model's blocks: no adapter
 
 
-def extend_keys(keys: list[bytes], token_ids: Sequence[int], block_size: int, namespace: str | None) -> list[bytes]:
+def extend_keys(
+    keys: list[bytes], token_ids: Sequence[int], block_size: int, namespace: str | None, tenant: str | None = None
+) -> list[bytes]:
     """Append to `keys` the key of every full block of `token_ids` past the first `len(keys)`; returns `keys`.
 
     Args:
@@ -31,8 +35,12 @@ def extend_keys(keys: list[bytes], token_ids: Sequence[int], block_size: int, na
         token_ids: the whole sequence so far.
         block_size: tokens per block.
         namespace: the adapter version's uid; None for the base model.
+        tenant: with the cache scoped to tenants, the request's tenant: its blocks are its own.
     """
     tag = BASE_NAMESPACE if namespace is None else b"lora:" + namespace.encode()
+    if tenant is not None:
+        owner = tenant.encode()
+        tag = b"tenant:" + len(owner).to_bytes(4, "little") + owner + tag
     for index in range(len(keys), len(token_ids) // block_size):
         parent = keys[index - 1] if index else b""
         tokens = array("q", token_ids[index * block_size : (index + 1) * block_size]).tobytes()

@@ -16,8 +16,9 @@ pins. Policy, in order, every step:
    running requests) waits. Later requests whose adapters are already resident may pass it, but
    only `max_slot_bypass` times; after that admission is strictly in order, so none starves.
 3. With prefix caching (prefix_cache.py), a request admitted takes the longest run of its full
-   blocks already cached for its adapter version (blocks finished or preempted requests left,
-   or blocks a request scheduled earlier in this very step writes: every layer writes the step's
+   blocks already cached for its adapter version, by its own tenant unless `prefix_cache_scope`
+   is global (blocks finished or preempted requests left, or blocks a request scheduled
+   earlier in this very step writes: every layer writes the step's
    K/V before it attends, so a sibling reads them exactly), keeping at least its last token to
    compute, since its next token needs that token's logits; a request asking for prompt logprobs
    looks nothing up, as every prompt token must be scored. Every full block a scheduled chunk
@@ -59,6 +60,7 @@ class SchedulerLimits:
     fair: bool = True  # tenants by virtual token counter; False: first-come, first-served across tenants
     tenant_weights: Mapping[str, float] | None = None
     prefix_caching: bool = False  # reuse cached KV blocks of a prompt's prefix (prefix_cache.py)
+    prefix_per_tenant: bool = True  # a cached prefix serves only its own tenant's requests
 
 
 class Scheduler:
@@ -180,7 +182,8 @@ class Scheduler:
         keys = self._block_keys.setdefault(request, [])
         if len(keys) < request.num_tokens // self.kv_cache.block_size:
             namespace = None if request.adapter is None else request.adapter.uid
-            extend_keys(keys, request.all_ids, self.kv_cache.block_size, namespace)
+            tenant = request.tenant if self.limits.prefix_per_tenant else None
+            extend_keys(keys, request.all_ids, self.kv_cache.block_size, namespace, tenant)
         return keys
 
     def _reserve_blocks(self, request: Request, num_tokens: int) -> bool:
