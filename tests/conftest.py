@@ -80,6 +80,8 @@ METRIC_NAMES = (
     "loraplex_adapter_slots_used",
     "loraplex_adapter_slots_total",
     "loraplex_lora_requests_info",
+    "loraplex_prefix_cache_queries_total",
+    "loraplex_prefix_cache_hits_total",
 )
 
 
