@@ -21,6 +21,7 @@ token's logit to -inf, before the controls, so greedy and sampled requests, pena
 logit_bias all pick among the grammar's tokens alone. Logprobs stay the raw model's.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,13 @@ def mask_tokens(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> 
     return logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
+@functools.cache
+def _bit_biases(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 8]: entry (b, j) is 0 when bit j of byte b is set, else -inf (a constant, made once per dtype and device)."""
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    return torch.zeros(256, 8, dtype=dtype, device=device).masked_fill_(bits == 0, float("-inf"))
+
+
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """`logits` with every token a row's bitmask does not allow set to -inf; other rows are unchanged.
 
@@ -117,9 +125,8 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     Returns:
         [N, V], a new tensor.
     """
-    vocab, device = logits.shape[-1], logits.device
-    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1  # [256, 8]
-    table = torch.zeros(256, 8, dtype=logits.dtype, device=device).masked_fill_(bits == 0, float("-inf"))
+    vocab = logits.shape[-1]
+    table = _bit_biases(logits.dtype, logits.device)
     bias = torch.nn.functional.embedding(bitmask.view(torch.uint8).long(), table).flatten(1)  # [M, 32 W]
     if bias.shape[1] < vocab:
         bias = torch.nn.functional.pad(bias, (0, vocab - bias.shape[1]), value=float("-inf"))  # the rest refused
