@@ -147,8 +147,8 @@ class PeftOracle:
         self.model.generation_config.eos_token_id = None
         self.model.generation_config.pad_token_id = 2
 
-    def prompt_logprobs(self, prompt: list[int], adapter: str | None) -> list[float]:
-        """Each prompt token's log-probability given the tokens before it (from the second token on), one forward."""
+    def prompt_scores(self, prompt: list[int], adapter: str | None) -> torch.Tensor:
+        """[T, V] log-probabilities of every next token after each prompt position, one forward."""
         inputs = torch.tensor([prompt], device=self.device)
         with torch.no_grad():
             if adapter is None:
@@ -157,7 +157,11 @@ class PeftOracle:
             else:
                 self.model.set_adapter(adapter)
                 logits = self.model(input_ids=inputs).logits[0]
-        scores = logits.float().log_softmax(-1)  # [T, V]
+        return logits.float().log_softmax(-1).cpu()
+
+    def prompt_logprobs(self, prompt: list[int], adapter: str | None) -> list[float]:
+        """Each prompt token's log-probability given the tokens before it (from the second token on)."""
+        scores = self.prompt_scores(prompt, adapter)
         return [scores[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
 
     def generate(self, prompt: list[int], adapter: str | None, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:

@@ -109,6 +109,51 @@ def test_echo_returns_prompt_logprobs_matching_peft(client, oracle, tokenizer, a
     assert response.choices[0].text.startswith(tokenizer.decode(prompt))
 
 
+def assert_prompt_logprobs_match_peft(entries, prompt: list[int], scores, top_n: int) -> None:
+    """vLLM's prompt_logprobs against PEFT's [T, V] log-softmax: each prompt token's logprob and rank, and the best alternatives."""
+    assert len(entries) == len(prompt) and entries[0] is None
+    for position, (token, entry) in enumerate(zip(prompt[1:], entries[1:])):
+        row = scores[position]
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+        assert own["rank"] == int((row > row[token]).sum()) + 1
+        best = row.topk(top_n).indices.tolist()
+        assert set(entry) == {str(t) for t in best} | {str(token)}
+        assert all(entry[str(t)]["rank"] <= top_n for t in best if t != token)
+
+
+@pytest.mark.parametrize("adapter", [None, "r8-attn"])
+def test_prompt_logprobs_give_each_prompt_tokens_logprob_and_rank_as_peft(client, oracle, adapter):
+    prompt = PROMPTS[2]
+    response = greedy(client, adapter or "tiny-base", prompt, max_tokens=2, extra_body={"prompt_logprobs": 3})
+    entries = response.choices[0].model_extra["prompt_logprobs"]
+    assert_prompt_logprobs_match_peft(entries, prompt, oracle.prompt_scores(prompt, adapter), 3)
+
+
+def test_chat_prompt_logprobs_score_the_rendered_prompt(client, server, oracle):
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    response = client.chat.completions.create(
+        model="r4-qv", messages=messages, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 1}
+    )
+    rendered = server.services.engine.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = server.services.engine.base.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert response.usage.prompt_tokens == len(prompt)
+    assert_prompt_logprobs_match_peft(response.model_extra["prompt_logprobs"], prompt, oracle.prompt_scores(prompt, "r4-qv"), 1)
+
+
+def test_prompt_logprobs_beside_echo_logprobs_keep_each_ones_count(client):
+    response = greedy(client, "tiny-base", PROMPTS[0], max_tokens=1, echo=True, logprobs=1, extra_body={"prompt_logprobs": 4})
+    choice = response.choices[0]
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])  # echo: the token and one alternative
+    assert all(len(entry) >= 4 for entry in choice.model_extra["prompt_logprobs"][1:])
+
+
+def test_prompt_logprobs_with_stream_are_refused_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        greedy(client, "tiny-base", PROMPTS[0], stream=True, extra_body={"prompt_logprobs": 1})
+    assert refused.value.body["param"] == "prompt_logprobs"
+
+
 def test_loglikelihood_request_as_lm_evaluation_harness_sends_it(client, oracle):
     """lm-eval's local-completions: token-id prompts in a batch, echo, max_tokens=1, logprobs=1,
     then sum token_logprobs[ctxlen:-1] for the continuation and check greediness on top_logprobs."""

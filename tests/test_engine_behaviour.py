@@ -124,9 +124,11 @@ def test_logprobs_are_log_softmax_of_the_model(llama):
     assert top_ids == expected[-1].topk(3).indices.tolist()
     assert top_ids[0] == token  # greedy picks the best
     assert len(completion.prompt_logprobs) == len(prompt) - 1
-    for position, (logprob, top) in enumerate(completion.prompt_logprobs):
-        assert logprob == pytest.approx(expected[position, prompt[position + 1]].item(), abs=1e-5)
+    for position, (logprob, top, rank) in enumerate(completion.prompt_logprobs):
+        row, target = expected[position], prompt[position + 1]
+        assert logprob == pytest.approx(row[target].item(), abs=1e-5)
         assert len(top) == 2
+        assert rank == int((row > row[target]).sum()) + 1  # vLLM's rank: 1 for the most likely token
 
 
 def test_stop_token_ids_and_max_tokens_finish_requests(llama):

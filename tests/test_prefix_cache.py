@@ -314,9 +314,10 @@ def test_prompt_logprobs_requests_score_every_prompt_token_without_a_lookup(llam
     assert (engine.scheduler.prefix_cache.queries, hits(engine)) == (queries, 0)
     reference = make_engine(llama, enable_prefix_caching=False).generate([prompt], ["r4-qv"], params)[0]
     assert len(scored.prompt_logprobs) == len(reference.prompt_logprobs) == len(prompt) - 1
-    for (ours, top), (theirs, top_reference) in zip(scored.prompt_logprobs, reference.prompt_logprobs):
+    for (ours, top, rank), (theirs, top_reference, rank_reference) in zip(scored.prompt_logprobs, reference.prompt_logprobs):
         assert ours == pytest.approx(theirs, abs=LOGIT_TOL)
         assert [token for token, _ in top] == [token for token, _ in top_reference]
+        assert rank == rank_reference
 
 
 @pytest.mark.parametrize("max_num_batched_tokens", [512, 16])

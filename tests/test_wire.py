@@ -99,7 +99,7 @@ def test_sampling_params_cross_unchanged():
     "event",
     [
         TokenEvent("r", 5, "é"),
-        TokenEvent("r", 9, "x", -0.25, [(9, -0.25), (3, -1.5)], prompt_logprobs=[(None, []), (-2.0, [(1, -0.5)])]),
+        TokenEvent("r", 9, "x", -0.25, [(9, -0.25), (3, -1.5)], prompt_logprobs=[(-2.0, [(1, -0.5)], 3), (-0.5, [], 1)]),
         TokenEvent("r", None, "", finish_reason=FinishReason.ABORT),
         TokenEvent("r", None, "", finish_reason=FinishReason.ERROR, error="the engine stopped", fatal=True),
         TokenEvent("r", 2, "\ud800 lone surrogate", finish_reason=FinishReason.LENGTH),

@@ -20,7 +20,7 @@ from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.response_models import ChatCompletion, ChatCompletionChunk, errors, generated
-from loraplex.api.responses import finish_reason, token_strings
+from loraplex.api.responses import finish_reason, prompt_logprobs_json, token_strings
 from loraplex.api.route import Plan, choice_params, respond, token_budget
 from loraplex.api.schemas import ChatCompletionRequest, ChatMessage
 from loraplex.api.services import Services, services
@@ -96,7 +96,9 @@ def _params(
 ) -> list[SamplingParams]:
     wanted = token_budget(len(prompt), body.token_limit, max_model_len, "the messages", "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return choice_params(body, vocab_size, max_tokens=wanted, logprobs=logprobs, grammar=grammar)
+    return choice_params(
+        body, vocab_size, max_tokens=wanted, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar
+    )
 
 
 def _tool_grammar(body: ChatCompletionRequest, parser: str) -> str | None:
@@ -169,6 +171,14 @@ class ChatResponder:
                 ]
                 reason = _called(reason)
         return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+    def fields(self, choices: list[Choice]) -> dict:
+        """vLLM's `prompt_logprobs` of the one prompt every choice shares, beside the choices."""
+        asked = self._body.prompt_logprobs
+        if asked is None:
+            return {}
+        first = choices[0]
+        return {"prompt_logprobs": prompt_logprobs_json(self._tokenizer, first.prompt_ids, first.prompt_logprobs or [], asked)}
 
     def opening(self, choice: Choice) -> dict:
         return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}

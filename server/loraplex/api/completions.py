@@ -16,7 +16,7 @@ from loraplex.api.json_body import StrictJsonRoute
 from loraplex.api.models import MODEL_NOT_FOUND, resolve_model
 from loraplex.api.prompt_encoder import PromptEncoder
 from loraplex.api.response_models import Completion, CompletionChunk, errors, generated
-from loraplex.api.responses import finish_reason, token_strings
+from loraplex.api.responses import finish_reason, prompt_logprobs_json, token_strings
 from loraplex.api.route import Plan, choice_params, respond, token_budget
 from loraplex.api.schemas import CompletionRequest
 from loraplex.api.services import Services, services
@@ -53,7 +53,9 @@ def _params(
 ) -> list[SamplingParams]:
     wanted = token_budget(max(len(ids) for ids in prompts), body.max_tokens, max_model_len, "the prompt", "prompt")
     logprobs = body.logprobs
-    prompt_logprobs = logprobs if body.echo and logprobs is not None else None
+    echoed = logprobs if body.echo and logprobs is not None else None
+    asked = [k for k in (echoed, body.prompt_logprobs) if k is not None]
+    prompt_logprobs = max(asked) if asked else None  # echo's logprobs and vLLM's prompt_logprobs, scored once
     # echo with max_tokens=0 scores the prompt and drops the one token generated
     per_prompt = choice_params(
         body, vocab_size, max_tokens=max(wanted, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar
@@ -122,6 +124,7 @@ class _Echo:
         self.enabled = body.echo
         self.drop_generated = body.echo and body.max_tokens == 0
         self._n = body.n
+        self._top_n = body.logprobs or 0
         self._texts: list[str] = []
         self._offsets: list[list[int]] = []
         if not self.enabled:
@@ -145,8 +148,9 @@ class _Echo:
     def prompt_scores(self, choice: Choice) -> tuple[list, list]:
         if not self.enabled or choice.prompt_logprobs is None:
             return [], []
+        n = self._top_n
         scored = choice.prompt_logprobs
-        return [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored]
+        return [None] + [entry[0] for entry in scored], [None] + [entry[1][:n] for entry in scored]
 
 
 class CompletionResponder:
@@ -178,7 +182,15 @@ class CompletionResponder:
                 len(echo.prompt_text(choice)),
             )
         reason = "length" if echo.drop_generated else finish_reason(choice)
-        return {"index": choice.index, "text": echo.prompt_text(choice) + choice.text, "logprobs": block, "finish_reason": reason}
+        entry = {"index": choice.index, "text": echo.prompt_text(choice) + choice.text, "logprobs": block, "finish_reason": reason}
+        if self._body.prompt_logprobs is not None:
+            entry["prompt_logprobs"] = prompt_logprobs_json(
+                self._tokenizer, choice.prompt_ids, choice.prompt_logprobs or [], self._body.prompt_logprobs
+            )
+        return entry
+
+    def fields(self, choices: list[Choice]) -> dict:
+        return {}
 
     def opening(self, choice: Choice) -> None:
         return None

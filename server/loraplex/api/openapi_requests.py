@@ -4,7 +4,8 @@ Owns: `bound_requests`, which writes this server's limits into the request schem
 and token-id prompts from max_model_len, text prompts from the longest text that can fit, token
 ids from the vocabulary, choices from --max-queue, adapter names other than the base model's)
 and the rules between fields a schema can state (`if`/`then`: stream_options needs stream,
-continuous_usage_stats needs include_usage, max_tokens 0 needs echo, top_logprobs needs logprobs,
+continuous_usage_stats needs include_usage, prompt_logprobs needs stream false, max_tokens 0 needs echo,
+top_logprobs needs logprobs,
 tool_choice required or named needs tools, only assistant messages carry tool_calls, density and
 rank by merge method; `oneOf`: a prompt or messages to tokenize); rules no
 schema can state (a text's length in tokens, best_of equal to n, one weight per adapter, an
@@ -72,6 +73,12 @@ def _bound_sampling(request: dict, facts: ServedFacts) -> None:
     _describe(props["n"], choices)
     _require_when(request, {"stream_options": {"type": "object"}}, {"stream": {"const": True}})
     _describe(props["stream_options"], "Only with stream true.")
+    _require_when(request, {"prompt_logprobs": {"type": "integer"}}, {"stream": {"const": False}}, present=False)
+    _describe(
+        props["prompt_logprobs"],
+        "vLLM's: each prompt token's logprob, rank and this many best alternatives, from the second token on. Not with "
+        "stream true.",
+    )
     _describe(props["presence_penalty"], "Subtracted once from the logit of every token generated so far (OpenAI's).")
     _describe(props["frequency_penalty"], "Subtracted from each token's logit once per time it was generated (OpenAI's).")
     _describe(

@@ -55,11 +55,25 @@ class CompletionLogprobs(_Sent):
     text_offset: list[int]
 
 
+class PromptLogprob(_Sent):
+    logprob: float
+    rank: int = Field(ge=1, description="1 for the most likely token at that place.")
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+PROMPT_LOGPROBS = (
+    "vLLM's, with prompt_logprobs: null for the first prompt token, then per token a map from token id to its "
+    "logprob, rank and text: the prompt's own token and the best alternatives."
+)
+
+
 class CompletionChoice(_Sent):
     index: int = Field(ge=0)
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length"]
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, description=PROMPT_LOGPROBS)
 
 
 class Completion(_Sent):
@@ -146,6 +160,7 @@ class ChatCompletion(_Sent):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, description=PROMPT_LOGPROBS)
 
 
 class FunctionCallDelta(_Sent):

@@ -62,6 +62,28 @@ def token_strings(tokenizer, token_ids: list[int]) -> list[str]:
     return tokenizer.batch_decode([[token_id] for token_id in token_ids])
 
 
+def prompt_logprobs_json(tokenizer, prompt_ids: list[int], scored: list, top_n: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token (nothing scores it), then for each later one a map
+    from token id (as text) to `{logprob, rank, decoded_token}`: the prompt's own token and its `top_n` best alternatives.
+
+    Args:
+        prompt_ids: the prompt that ran.
+        scored: the engine's (logprob, alternatives, rank) of each prompt token from the second on.
+        top_n: alternatives to keep of each (the engine may have scored more for echo's logprobs).
+    """
+    rows = [([token_id] + [alt for alt, _ in top[:top_n]], logprob, top[:top_n], rank)
+            for token_id, (logprob, top, rank) in zip(prompt_ids[1:], scored)]
+    texts = iter(token_strings(tokenizer, [token_id for ids, *_ in rows for token_id in ids]))  # one decode call
+    entries: list[dict | None] = [None]
+    for ids, logprob, alternatives, rank in rows:
+        row_texts = [next(texts) for _ in ids]
+        entry = {str(ids[0]): {"logprob": logprob, "rank": rank, "decoded_token": row_texts[0]}}
+        for place, ((alt, alt_logprob), text) in enumerate(zip(alternatives, row_texts[1:]), start=1):
+            entry.setdefault(str(alt), {"logprob": alt_logprob, "rank": place, "decoded_token": text})
+        entries.append(entry)
+    return entries
+
+
 def finish_reason(choice: Choice) -> str | None:
     if choice.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
         return choice.finish_reason.value

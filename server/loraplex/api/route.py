@@ -36,6 +36,9 @@ class Responder(Protocol):
     def choice(self, choice: Choice) -> dict:
         """A finished choice as the response's `choices` entry."""
 
+    def fields(self, choices: list[Choice]) -> dict:
+        """Top-level fields a whole response carries beside `choices` (chat: vLLM's prompt_logprobs)."""
+
     def opening(self, choice: Choice) -> dict | None:
         """The choice entry streamed before any token (chat: the assistant's role), or None."""
 
@@ -121,6 +124,7 @@ async def respond(
         "model": body.model,
         "choices": [responder.choice(choice) for choice in choices],
         "usage": usage(generation),
+        **responder.fields(choices),
     }
 
 

@@ -146,6 +146,7 @@ class SamplingBody(_Strict):
     min_tokens: Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None  # vLLM's: not with stream
     structured_outputs: StructuredOutputs | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -182,6 +183,8 @@ class SamplingBody(_Strict):
                 "stream_options.continuous_usage_stats needs stream_options.include_usage=true",
                 param="stream_options.continuous_usage_stats",
             )
+        if self.prompt_logprobs is not None and self.stream:
+            raise RequestInvalid("prompt_logprobs are not available with stream=true (as in vLLM)", param="prompt_logprobs")
 
     @property
     def usage_in_stream(self) -> tuple[bool, bool]:

@@ -24,7 +24,7 @@ from loraplex.engine.detokenizer import Detokenizer
 from loraplex.engine.grammar import GrammarMatchers
 from loraplex.engine.request import FinishReason, Request, TokenEvent
 from loraplex.engine.runner import LogitRows, ModelRunner
-from loraplex.engine.sampling import apply_controls, apply_token_bitmask, sample, token_logprobs
+from loraplex.engine.sampling import apply_controls, apply_token_bitmask, sample, token_logprobs, token_ranks
 from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.engine.step_inputs import to_device
 from loraplex.engine.stream import Sink
@@ -193,7 +193,7 @@ class OutputProcessor:
         first = len(request.prompt_logprobs)
         (targets,) = to_device([request.prompt_ids[first + 1 : first + 1 + scores.shape[0]]], torch.long, scores.device)
         chosen, top = token_logprobs(scores, targets, request.params.prompt_logprobs)
-        request.prompt_logprobs.extend(zip(chosen, top))
+        request.prompt_logprobs.extend(zip(chosen, top, token_ranks(scores, targets)))
 
     def _append_token(self, request: Request, token: int, logprob, alternatives) -> None:
         live = self._live[request.request_id]

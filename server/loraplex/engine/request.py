@@ -56,7 +56,7 @@ class SamplingParams:
         stop: strings that end generation; the text stops before them.
         ignore_eos: keep going past the model's EOS token.
         logprobs: return each generated token's logprob and this many top alternatives.
-        prompt_logprobs: return each prompt token's logprob and this many top alternatives.
+        prompt_logprobs: return each prompt token's logprob, its rank and this many top alternatives.
         presence_penalty: subtracted from the logit of every token already generated, in [-2, 2].
         frequency_penalty: subtracted once per time a token was already generated, in [-2, 2].
         repetition_penalty: vLLM's: above 1, a token seen in the prompt or the output has a positive
@@ -191,6 +191,7 @@ def _checked_logit_bias(bias) -> tuple[tuple[int, float], ...]:
 
 
 TopLogprobs = list[tuple[int, float]]
+PromptLogprob = tuple[float, TopLogprobs, int]  # a prompt token's logprob, best alternatives, and rank (1: the best)
 
 
 def check_prompt(prompt_ids, max_model_len: int, vocab_size: int) -> list[int]:
@@ -222,7 +223,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: TopLogprobs | None = None
     finish_reason: FinishReason | None = None
-    prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None  # from the prompt's second token on
     error: str | None = None
     fatal: bool = False  # with an error: the engine itself stopped, not just this request
     error_type: str | None = None  # with an error: the `LoraplexError` class that says what (e.g. AdapterInvalid)
@@ -239,7 +240,7 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[tuple[float | None, TopLogprobs]] | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None  # from the prompt's second token on
 
     @classmethod
     def from_events(cls, events: list[TokenEvent], prompt_ids: list[int]) -> "Completion":
@@ -274,7 +275,7 @@ class Request:
     slot: int | None = None  # LoRA slot while running with an adapter
     slot_bypassed: int = 0  # later adapter requests admitted while this one waited for a slot
     finish_reason: FinishReason | None = None
-    prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None  # scored so far, when asked for
+    prompt_logprobs: list[PromptLogprob] | None = None  # scored so far, when asked for
     token_counts: object = None  # sampling.TokenCounts, built on the first step a penalty needs it
     matcher: object = None  # llguidance.LLMatcher of a constrained request, once grammar.py built it
     arrival_time: float = field(default_factory=time.monotonic)

@@ -280,3 +280,14 @@ def token_logprobs(
     values, ids = scores.topk(min(top_n, scores.shape[-1]), dim=-1)
     top = [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
     return picked, top
+
+
+def token_ranks(scores: torch.Tensor, chosen: torch.Tensor) -> list[int]:
+    """Each row's rank of its chosen token: 1 plus the tokens scoring strictly higher (vLLM's `rank`).
+
+    Args:
+        scores: [N, V] log-probabilities (or raw logits).
+        chosen: [N] token ids.
+    """
+    picked = scores.gather(-1, chosen[:, None])  # [N, 1]
+    return ((scores > picked).sum(dim=-1) + 1).tolist()

@@ -142,7 +142,7 @@ def event_from_wire(fields: list) -> TokenEvent:
         logprob,
         None if top is None else [tuple(pair) for pair in top],
         None if reason is None else FinishReason(reason),
-        None if prompt is None else [(lp, [tuple(pair) for pair in alternatives]) for lp, alternatives in prompt],
+        None if prompt is None else [(lp, [tuple(pair) for pair in alternatives], rank) for lp, alternatives, rank in prompt],
         error,
         fatal,
         error_type,
