@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.fused_projections import GroupSlice
-from loraplex.engine.packed_linear import PackedLinear, pack_linears
+from loraplex.engine.packed_linear import PackedLinear, cpu_packs, pack_linears
 
 # dtype -> largest |packed - reference| relative to the reference's largest magnitude
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -26,6 +26,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
     [(64, 96, 1), (64, 96, 7), (128, 344, 32), (344, 128, 100), (96, 4096, 3), (48, 40, 0)],
 )
 def test_packed_linear_equals_nn_linear(in_features, out_features, rows, bias, dtype):
+    if not cpu_packs(dtype):
+        pytest.skip(f"this CPU's oneDNN has no packed {dtype} GEMM (fp16 needs avx_ne_convert or avx512_fp16)")
     torch.manual_seed(in_features + out_features + rows)
     linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     x = torch.randn(rows, in_features).to(dtype)
@@ -35,6 +37,24 @@ def test_packed_linear_equals_nn_linear(in_features, out_features, rows, bias, d
     if rows:
         error = (got.float() - expected).abs().max() / expected.abs().max()
         assert error <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_pack_linears_packs_only_what_this_cpu_multiplies_and_keeps_the_output(dtype):
+    """On a CPU without fp16 GEMMs an fp16 model is left as it is, rather than failing at start-up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).to(dtype)
+    x = torch.randn(3, 32).to(dtype)
+    expected = model(x).float()
+    packed = pack_linears(model)
+    assert packed == (["0", "2"] if cpu_packs(dtype) else [])
+    error = (model(x).float() - expected).abs().max() / expected.abs().max()
+    assert error <= TOLERANCE[dtype]
+
+
+def test_fp32_packs_wherever_onednn_runs_and_other_types_never_do():
+    assert cpu_packs(torch.float32) == torch.backends.mkldnn.is_available()
+    assert not cpu_packs(torch.int8)
 
 
 def test_packed_linear_takes_batched_inputs():

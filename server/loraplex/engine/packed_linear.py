@@ -4,15 +4,33 @@ Owns: `PackedLinear`, a drop-in for `nn.Linear` whose weight is reordered at sta
 layout oneDNN's GEMM reads fastest (the prepacking vLLM's CPU build and inductor's weight freezing
 do), and `pack_linears`, which swaps every plain `nn.Linear` of a model for one. Values are never
 changed: only their layout. The packed op takes any number of rows, so decode and prefill steps of
-any size share it. It must not touch quantized (bitsandbytes) layers, CUDA tensors or the LoRA
+any size share it. A dtype this CPU's oneDNN cannot multiply packed (fp16 without avx_ne_convert
+or avx512_fp16) stays a plain `nn.Linear`. It must not touch quantized (bitsandbytes) layers, CUDA tensors or the LoRA
 slot stacks, and it keeps nothing of the original weight except where another module shares it
 (a tied lm_head keeps the embedding's).
 """
+
+import functools
 
 import torch
 from torch import nn
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN multiplies `dtype` weights prepacked (fp16 needs avx_ne_convert or avx512_fp16).
+
+    Asked of oneDNN itself, once per dtype, by reordering a one-element weight: no CPU flag list to keep.
+    """
+    if dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(1, 1, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -36,13 +54,8 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(module: nn.Module) -> bool:
-    """A plain dense `nn.Linear` on CPU in a dtype oneDNN multiplies (not a quantized subclass)."""
-    return (
-        type(module) is nn.Linear
-        and module.weight.device.type == "cpu"
-        and module.weight.dtype in PACKABLE_DTYPES
-        and torch.backends.mkldnn.is_available()
-    )
+    """A plain dense `nn.Linear` on CPU in a dtype this CPU's oneDNN multiplies (not a quantized subclass)."""
+    return type(module) is nn.Linear and module.weight.device.type == "cpu" and cpu_packs(module.weight.dtype)
 
 
 def pack_linears(model: nn.Module) -> list[str]:
