@@ -9,6 +9,8 @@ unconstrained requests).
 
 import json
 import re
+import threading
+import time
 
 import jsonschema
 import llguidance
@@ -27,6 +29,7 @@ from test_engine_matches_peft import make_engine, prompt_of
 from tiny import VOCAB_SIZE
 
 MAX_NEW = 24
+MAX_STEPS = 2_000  # bound on the steps a test here runs
 EOS = 1  # the tiny tokenizer's </s>
 
 SCHEMA = {
@@ -195,6 +198,26 @@ def test_matchers_are_freed_at_finish_and_on_cancel(llama):
     assert events[-1].finish_reason is FinishReason.ABORT
     assert engine.grammars.pending == 0
     assert not engine._live and not engine.scheduler.has_work()
+
+
+def test_a_request_waiting_for_its_matcher_counts_as_waiting(llama):
+    """Metrics and /health see a constrained request while its grammar is built, not only once it is queued."""
+    engine = make_engine(llama)
+    built = threading.Event()
+    build = engine.grammars._matcher
+    engine.grammars._matcher = lambda grammar: built.wait(60) and build(grammar)
+    events: list = []
+    engine.add_request(prompt_of(5, 3), None, params_of("choice"), sink=events.append)
+    engine.step()  # takes the request in and starts its build, which waits
+    assert engine.grammars.pending == 1 and not engine.scheduler.waiting
+    assert engine.snapshot.num_waiting == 1 and engine.has_work()
+    built.set()
+    for _ in range(MAX_STEPS):
+        if not engine.has_work():
+            break
+        if not engine.step():
+            time.sleep(0.01)  # the build finishes on its own thread
+    assert events[-1].finish_reason is FinishReason.STOP and engine.snapshot.num_waiting == 0
 
 
 def test_a_repeated_grammar_is_built_once(llama):

@@ -419,7 +419,7 @@ class Engine(EngineFront):
         self.snapshot = EngineSnapshot(
             time=step_time,
             num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
+            num_waiting=len(scheduler.waiting) + self.grammars.pending,  # a matcher being built: waiting too
             running_adapters=names(scheduler.running),
             waiting_adapters=names(scheduler.waiting),
             kv_cache_usage=self.kv_cache.allocator.usage,

@@ -58,7 +58,7 @@ class EngineSnapshot:
     Args:
         time: wall-clock time (`time.time()`) of the latest step; 0 before the first.
         num_running: sequences holding KV blocks and (when they use an adapter) a slot.
-        num_waiting: requests queued for admission, preempted ones included.
+        num_waiting: requests queued for admission, preempted ones and those whose grammar is being built included.
         running_adapters: names of the adapters the running sequences use, sorted, no repeats.
         waiting_adapters: the same for waiting requests.
         kv_cache_usage: fraction of KV blocks in use, in [0, 1].
