@@ -173,6 +173,12 @@ def test_chat_response_format_json_object(client, stream):
     assert finish == "stop" and isinstance(json.loads(text), dict)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+def test_completions_take_response_format_as_vllm_does(client, stream):
+    text, finish = complete(client, "r8-attn", stream, extra_body={"response_format": json_schema_format(PERSON)})
+    assert_valid(text, finish, PERSON)
+
+
 def test_response_format_text_leaves_the_output_free(client):
     free = chat(client, "r4-qv", max_tokens=12)
     assert chat(client, "r4-qv", response_format={"type": "text"}, max_tokens=12) == free

@@ -193,6 +193,23 @@ class SamplingBody(_Strict):
         return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: Annotated[Text, Field(max_length=MAX_GRAMMAR_CHARS)] | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")  # absent: any JSON object
+    strict: bool | None = None  # loraplex always enforces the schema
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 PromptText = Annotated[Text, Field(min_length=1)]
 
 
@@ -210,6 +227,7 @@ class CompletionRequest(SamplingBody):
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N), WHOLE] | None = None
     suffix: Annotated[Text, Field(max_length=0)] | None = None
+    response_format: ResponseFormat | None = None  # vLLM takes chat's on completions too
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -244,23 +262,6 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
-
-
-class JsonSchemaFormat(_Strict):
-    """OpenAI's `response_format.json_schema`."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
-    description: Annotated[Text, Field(max_length=MAX_GRAMMAR_CHARS)] | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")  # absent: any JSON object
-    strict: bool | None = None  # loraplex always enforces the schema
-
-
-class ResponseFormat(_Strict):
-    """OpenAI's `response_format`: text, any JSON object, or JSON valid against a schema."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
 
 
 class Prediction(_Strict):
