@@ -8,6 +8,7 @@ match PEFT's / transformers' log-softmax.
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
@@ -139,6 +140,23 @@ def test_chat_prompt_logprobs_score_the_rendered_prompt(client, server, oracle):
     prompt = server.services.engine.base.tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert response.usage.prompt_tokens == len(prompt)
     assert_prompt_logprobs_match_peft(response.model_extra["prompt_logprobs"], prompt, oracle.prompt_scores(prompt, "r4-qv"), 1)
+
+
+def prefix_cache_hits(server) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("loraplex_prefix_cache_hits_total ")))
+
+
+def test_chat_prompt_logprobs_with_n_choices_score_the_prompt_once(client, server):
+    """The first choice scores the shared prompt; the others start from its cached blocks."""
+    messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 4}]
+    before = prefix_cache_hits(server)
+    response = client.chat.completions.create(
+        model="r4-qv", messages=messages, max_tokens=2, n=3, temperature=0, extra_body={"prompt_logprobs": 0}
+    )
+    assert len(response.model_extra["prompt_logprobs"]) == response.usage.prompt_tokens
+    assert len(response.choices) == 3
+    assert prefix_cache_hits(server) - before >= 2 * 16  # two later choices, a full block of the prompt each at least
 
 
 def test_prompt_logprobs_beside_echo_logprobs_keep_each_ones_count(client):

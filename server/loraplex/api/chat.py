@@ -10,6 +10,8 @@ read out of each choice (tool_calls.py's parsers, whole or streamed as deltas).
 How the request runs and streams is route.py's, shared with completions.
 """
 
+import dataclasses
+
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -96,9 +98,11 @@ def _params(
 ) -> list[SamplingParams]:
     wanted = token_budget(len(prompt), body.token_limit, max_model_len, "the messages", "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return choice_params(
+    params = choice_params(
         body, vocab_size, max_tokens=wanted, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar
     )
+    # The choices share one prompt: the first scores it, the others may start from its cached blocks.
+    return params[:1] + [dataclasses.replace(p, prompt_logprobs=None) for p in params[1:]]
 
 
 def _tool_grammar(body: ChatCompletionRequest, parser: str) -> str | None:
