@@ -17,9 +17,10 @@ models; the chat request checks the rules between them (`_check_tools`).
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from loraplex.api.structured_output import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_GRAMMAR_CHARS, MAX_REGEX_CHARS
+from loraplex.api.text import Text
 from loraplex.api.tool_schemas import ToolCalls, ToolChoice, Tools
 from loraplex.engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_REPETITION_PENALTY
 from loraplex.errors import RequestInvalid
@@ -42,15 +43,6 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 5
 MAX_SAFETY_IDENTIFIER_CHARS = 128  # OpenAI's documented bound
 
 
-def _valid_unicode(text: str) -> str:
-    """Refuse lone surrogates ("\\ud800" in JSON): no tokenizer or UTF-8 encoder takes them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"is not valid Unicode: it holds a lone surrogate at character {exc.start}") from None
-    return text
-
-
 def _whole(value: object) -> object:
     """A float without a fractional part (`2.0`) as the integer it is: JSON has one number type, and
     JSON Schema's "integer" includes such numbers. Anything else is left for strict int validation."""
@@ -60,7 +52,6 @@ def _whole(value: object) -> object:
 
 
 WHOLE = BeforeValidator(_whole)  # after an int's Field, so its bounds stay JSON Schema's minimum/maximum
-Text = Annotated[str, AfterValidator(_valid_unicode)]
 Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
 ModelName = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT32), WHOLE]

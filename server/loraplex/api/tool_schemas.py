@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from loraplex.api.text import Text, valid_unicode
+
 MAX_TOOLS = 128  # OpenAI's documented bound on `tools`
 MAX_TOOL_CALLS = 128  # calls one assistant message in the history may carry
 MAX_DESCRIPTION_CHARS = 16 * 1024
@@ -23,24 +25,15 @@ FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function n
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # OpenAI: omitted means none
 
 
-def _unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"is not valid Unicode: it holds a lone surrogate at character {exc.start}") from None
-    return text
-
-
 def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A JSON Schema no longer than MAX_PARAMETERS_CHARS as compact JSON, and valid Unicode throughout."""
     text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
     if len(text) > MAX_PARAMETERS_CHARS:
         raise ValueError(f"is {len(text)} characters of JSON; the limit is {MAX_PARAMETERS_CHARS}")
-    _unicode(text)
+    valid_unicode(text)
     return schema
 
 
-Text = Annotated[str, AfterValidator(_unicode)]
 FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)]
 Parameters = Annotated[dict[str, Any], AfterValidator(_bounded_schema)]
 
