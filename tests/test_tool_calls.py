@@ -75,6 +75,26 @@ CASES = [
     ("llama3_json", '{"name": "f", "parameters": {}} and then text', " and then text", [("f", "{}")]),
     ("llama3_json", '{"name": "f", "parameters": {}}; oops', "; oops", [("f", "{}")]),
     ("llama3_json", '{"name": "f", "parameters": {}};  ', None, [("f", "{}")]),
+    ("mistral", "The answer is 4.", "The answer is 4.", []),
+    ("mistral", "[1, 2] and [TOOL_C", "[1, 2] and [TOOL_C", []),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', None,
+     [("get_weather", '{"city": "Paris"}')]),
+    ("mistral", 'Let me look. [TOOL_CALLS] [ {"name": "f", "arguments": {"a": "]}"}} ,{"name": "g", "arguments": {}}]\n',
+     "Let me look.", [("f", '{"a": "]}"}'), ("g", "{}")]),
+    ("mistral", '[TOOL_CALLS][{"arguments": {"x": 1}, "name": "late"}]', None, [("late", '{"x": 1}')]),
+    ("mistral", '[[TOOL_CALLS][{"name": "f", "arguments": {}}] then text', "[ then text", [("f", "{}")]),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}][TOOL_CALLS][{"name": "g", "arguments": {}}]', None,
+     [("f", "{}"), ("g", "{}")]),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}], oops', ", oops", [("f", "{}")]),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}, oops]', ", oops]", [("f", "{}")]),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}},', None, [("f", "{}")]),
+    ("mistral", "[TOOL_CALLS]not json", "[TOOL_CALLS]not json", []),
+    ("mistral", '[TOOL_CALLS] {"name": "f", "arguments": {}}', '[TOOL_CALLS] {"name": "f", "arguments": {}}', []),
+    ("mistral", '[TOOL_CALLS][{"name": oops}] after', '[TOOL_CALLS][{"name": oops}] after', []),
+    ("mistral", '[TOOL_CALLS][{"name": "f"}]', '[TOOL_CALLS][{"name": "f"}]', []),
+    ("mistral", "[TOOL_CALLS][]", "[TOOL_CALLS][]", []),
+    ("mistral", "[TOOL_CALLS] [ ", "[TOOL_CALLS] [ ", []),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a"', None, [("f", '{"a"')]),  # cut off: as far as it got
 ]
 
 
@@ -94,6 +114,12 @@ def test_each_call_gets_its_own_id():
     text = '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {}}'
     parsed = parse_tool_calls("llama3_json", text, ids())
     assert [call.id for call in parsed.calls] == ["call_0", "call_1"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_of_a_mistral_array():
+    text = '[TOOL_CALLS][{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]'
+    parsed = parse_tool_calls("mistral", text, ids(), max_calls=1)
+    assert calls_of(parsed) == [("f", "{}")] and parsed.content is None
 
 
 # ----- streaming -----------------------------------------------------------------------------------
@@ -154,6 +180,15 @@ def test_content_before_a_call_streams_before_the_tag_is_complete():
     assert stream.feed("box>").content == " <tool_box>"
 
 
+def test_mistral_content_before_the_calls_streams_before_the_tag_is_complete():
+    stream = ToolCallStream("mistral", ids())
+    assert stream.feed("See [1]").content == "See [1]"
+    assert stream.feed(" [TOOL_").content == ""  # a tag may be starting: held back
+    assert stream.feed("CALLS][").content == ""
+    delta = stream.feed('{"name": "f", "arguments": {"a": 1}}')
+    assert delta.content == "" and delta.tool_calls[0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
+
+
 # ----- choosing a parser ---------------------------------------------------------------------------
 
 
@@ -165,6 +200,9 @@ def test_content_before_a_call_streams_before_the_tag_is_complete():
         ("{% for m in messages %}{{ m.content }}{% endfor %}", "auto", "hermes"),
         ("{{ '<|python_tag|>' }}", "hermes", "hermes"),
         ("<tool_call>", "llama3_json", "llama3_json"),
+        ("{{ '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' }}", "auto", "mistral"),
+        ("{% if m.tool_calls %}[TOOL_CALLS]{% endif %}{% if m.role == 'ipython' %}{% endif %}", "auto", "mistral"),
+        ("[TOOL_CALLS]", "hermes", "hermes"),
     ],
 )
 def test_the_parser_is_the_configured_one_or_the_templates(template, configured, expected):
@@ -202,6 +240,15 @@ GRAMMAR_CASES = [
     ("llama3_json", False, '{"name": "ping", "parameters": {"extra": 1}}', False),
     ("llama3_json", True, '{"name": "ping", "parameters": {}}; {"name": "ping", "parameters": {}}', True),
     ("llama3_json", False, '{"name": "ping", "parameters": {}}; {"name": "ping", "parameters": {}}', False),
+    ("mistral", False, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]', True),
+    ("mistral", False, '[TOOL_CALLS][{"name": "ping", "arguments": {}}]', True),
+    ("mistral", False, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}]', False),
+    ("mistral", False, '[TOOL_CALLS]{"name": "ping", "arguments": {}}', False),
+    ("mistral", False, '[{"name": "ping", "arguments": {}}]', False),
+    ("mistral", False, '[TOOL_CALLS][{"name": "ping", "arguments": {}}, {"name": "ping", "arguments": {}}]', False),
+    ("mistral", True, '[TOOL_CALLS][{"name": "ping", "arguments": {}}, '
+     '{"name": "get_weather", "arguments": {"city": "London", "days": 7}}]', True),
+    ("mistral", True, '[TOOL_CALLS][{"name": "ping", "arguments": {}}][TOOL_CALLS][{"name": "ping", "arguments": {}}]', False),
 ]
 
 
@@ -216,6 +263,7 @@ def test_what_the_grammar_admits_parses_into_calls_matching_the_schema(parser):
     text = {
         "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "London", "days": 2}}\n</tool_call>',
         "llama3_json": '{"name": "get_weather", "parameters": {"city": "London", "days": 2}}',
+        "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "London", "days": 2}}]',
     }[parser]
     (call,) = parse_tool_calls(parser, text, ids()).calls
     assert call.name == "get_weather"
@@ -262,20 +310,29 @@ LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% if tools %}Tools: {{ tools | tojson }} Answer with <|python_tag|> and JSON.\n{% endif %}"
     "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 )
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{% elif m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls | map(attribute='function') | list | tojson }}"
+    "{% elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]{% else %}{{ m.content }}{% endif %}{% endfor %}"
+)
 PING = {"type": "function", "function": {"name": "ping", "description": "Is anyone there?"}}
 WEATHER_TOOL = TOOLS[0]
 ASK = [{"role": "user", "content": "What is the weather in Paris for three days?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 FORCED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "London", "days": 2}}\n</tool_call>'
 FORCED_LLAMA3_CALL = '{"name": "get_weather", "parameters": {"city": "London", "days": 2}}'
+FORCED_MISTRAL_CALL = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "London", "days": 2}}]'
 
 
 @pytest.fixture(scope="module")
 def server(llama, tmp_path_factory):
     """The tiny llama (its template ignores tools; auto reads hermes), an adapter with a hermes-style
-    template that renders tools and calls, and one with a Llama 3 style template (auto reads llama3_json)."""
+    template that renders tools and calls, one with a Llama 3 style template (auto reads llama3_json)
+    and one with a Mistral style template (auto reads mistral)."""
     store = tmp_path_factory.mktemp("store")
-    for name, template in (("hermes-tools", TOOL_TEMPLATE), ("llama3-tools", LLAMA3_TEMPLATE)):
+    templates = (("hermes-tools", TOOL_TEMPLATE), ("llama3-tools", LLAMA3_TEMPLATE), ("mistral-tools", MISTRAL_TEMPLATE))
+    for name, template in templates:
         shutil.copytree(llama.adapter_dirs["r4-qv"], store / name)
         (store / name / "chat_template.jinja").write_text(template)
     with LiveServer(server_config(llama.model_dir, store, max_model_len=1024)) as live:
@@ -390,6 +447,9 @@ def test_parallel_calls_are_each_a_whole_call(client):
         ("llama3-tools", FORCED_LLAMA3_CALL, True),
         ("llama3-tools", FORCED_CALL, False),  # auto picked llama3_json from the template's text
         ("hermes-tools", FORCED_LLAMA3_CALL, False),
+        ("mistral-tools", FORCED_MISTRAL_CALL, True),
+        ("mistral-tools", FORCED_CALL, False),
+        ("hermes-tools", FORCED_MISTRAL_CALL, False),
     ],
 )
 def test_auto_reads_calls_out_of_free_text_in_the_templates_format(client, model, output, read):
@@ -401,6 +461,38 @@ def test_auto_reads_calls_out_of_free_text_in_the_templates_format(client, model
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "London", "days": 2})
+
+
+def test_a_mistral_template_gets_required_named_and_streamed_calls(client):
+    required = call_of("mistral-tools", client, tool_choice="required", parallel_tool_calls=False)
+    assert required.finish_reason == "tool_calls" and required.message.content is None
+    (call,) = required.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name in ("get_weather", "ping")
+    arguments_match(call.function)
+
+    named = call_of("mistral-tools", client, tool_choice=NAMED, parallel_tool_calls=False)
+    assert named.finish_reason == "tool_calls" and named.message.content is None
+    (call,) = named.message.tool_calls
+    assert call.function.name == "get_weather"
+    arguments_match(call.function)
+
+    chunks = list(
+        client.chat.completions.create(
+            model="mistral-tools", messages=ASK, tools=[WEATHER_TOOL, PING], tool_choice=NAMED,
+            parallel_tool_calls=False, max_tokens=200, temperature=0, stream=True,
+        )
+    )  # fmt: skip
+    streamed_calls: dict[int, dict] = {}
+    for entry in (entry for chunk in chunks for entry in chunk.choices[0].delta.tool_calls or []):
+        if entry.id is not None:
+            streamed_calls[entry.index] = {"id": entry.id, "name": entry.function.name, "arguments": ""}
+        streamed_calls[entry.index]["arguments"] += entry.function.arguments or ""
+    assert [(c["name"], c["arguments"]) for c in streamed_calls.values()] == [
+        (call.function.name, call.function.arguments) for call in named.message.tool_calls
+    ]
+    assert all(c["id"].startswith("call_") for c in streamed_calls.values())
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
 
 
 def test_tool_choice_none_reads_no_calls(client):

@@ -180,7 +180,7 @@ class ServerConfig(BaseModel):
     chat_template_timeout: float = Field(
         default=2.0, gt=0, le=60, description="Seconds one chat template may take to render before a 400."
     )
-    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         default="auto",
         description="The format tool calls are read from and constrained to; auto picks it from the chat template's text.",
     )

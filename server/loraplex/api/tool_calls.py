@@ -1,10 +1,13 @@
 """Tool calls in generated text: the formats, parsed whole or as a stream of OpenAI's deltas.
 
-Owns: the two formats loraplex reads, as vLLM's parsers of the same names read them:
+Owns: the three formats loraplex reads, as vLLM's parsers of the same names read them:
   - `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks among text
     (Hermes, Qwen 2.5/3 and most templates that document tools);
   - `llama3_json`: the whole output is one or more `{"name": ..., "parameters": {...}}` objects
     separated by `;`, after an optional `<|python_tag|>` (Llama 3.1+; `arguments` is read too);
+  - `mistral`: `[TOOL_CALLS]` and a JSON array of `{"name": ..., "arguments": {...}}` objects,
+    the text before it the content (Mistral v0.3+, whose tokenizer writes `[TOOL_CALLS]` as a
+    special token: the chat route decodes with special tokens when it reads calls);
 choosing one from a chat template's text (`parser_for_template`); `ToolCallStream`, which reads
 the text a character at a time and says what is new (content, a call's opening with its id and
 name, fragments of its arguments), so any chunking of one text gives the same calls and content,
@@ -25,15 +28,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "mistral")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+TOOL_CALLS = "[TOOL_CALLS]"
 MAX_HEAD_CHARS = 1024  # `{"name": "...", "arguments": ` longer than this is read whole, not streamed
 _HEAD = {
     "hermes": re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*\{', re.S),
     "llama3_json": re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:parameters|arguments)"\s*:\s*\{', re.S),
 }
-_ARGUMENT_KEYS = {"hermes": ("arguments",), "llama3_json": ("parameters", "arguments")}
+_HEAD["mistral"] = _HEAD["hermes"]
+_ARGUMENT_KEYS = {"hermes": ("arguments",), "llama3_json": ("parameters", "arguments"), "mistral": ("arguments",)}
+_OPENING_TAG = {"hermes": HERMES_OPEN, "mistral": TOOL_CALLS}  # the tag a format's calls follow in text
 
 
 def new_call_id() -> str:
@@ -44,11 +50,14 @@ def new_call_id() -> str:
 def parser_for_template(template: str, configured: str) -> str:
     """The format to read: `configured`, or with `auto` the one the chat template's text names.
 
-    A template that mentions `<|python_tag|>` or the `ipython` role is Llama 3's (llama3_json);
-    any other is read as hermes, the format most tool-calling templates document.
+    A template that mentions `[TOOL_CALLS]` or `[AVAILABLE_TOOLS]` is Mistral's (mistral); one
+    that mentions `<|python_tag|>` or the `ipython` role is Llama 3's (llama3_json); any other is
+    read as hermes, the format most tool-calling templates document.
     """
     if configured != "auto":
         return configured
+    if TOOL_CALLS in template or "[AVAILABLE_TOOLS]" in template:
+        return "mistral"
     return "llama3_json" if PYTHON_TAG in template or "ipython" in template else "hermes"
 
 
@@ -192,7 +201,7 @@ class ToolCallStream:
         self.parser = parser
         self._new_id = new_id
         self._max_calls = max_calls
-        self._head, self._keys = _HEAD[parser], _ARGUMENT_KEYS[parser]
+        self._head, self._keys, self._tag = _HEAD[parser], _ARGUMENT_KEYS[parser], _OPENING_TAG.get(parser)
         self._calls: list[tuple[str, str, list[str]]] = []  # (id, name, argument fragments)
         self._content: list[str] = []
         self._said: list[str] = []  # content since the last delta
@@ -200,10 +209,10 @@ class ToolCallStream:
         self._dropping = False  # the call being read is past max_calls
         self._state = "start" if parser == "llama3_json" else "text"
         self._held: list[str] = []  # text held back: whitespace, the characters before a call's `{`
-        self._mark = ""  # the start of a tag being read (`<tool_c`, `<|python_tag|>`), or `;` between calls
+        self._mark = ""  # the start of a tag being read (`<tool_c`, `<|python_tag|>`), `;` between calls, mistral's `[`
         self._block: list[str] = []  # hermes: a block's text after its call, or all of one that is not a call
         self._tail = ""  # the block's last characters, to see its closing tag
-        self._after_call = False  # hermes: whitespace after a call block is content only if text follows
+        self._after_call = False  # hermes, mistral: whitespace after calls is content only if text follows
         self._call: _CallObject | None = None
         self._lead = ""  # the text before the call object's `{` that is content if it is not a call
 
@@ -228,6 +237,8 @@ class ToolCallStream:
             self._say(held + self._mark if self._mark or not self._after_call else "")  # whitespace after a call
         elif state == "open":
             self._say(HERMES_OPEN + held)
+        elif state == "array":  # mistral: `[TOOL_CALLS]` and no call after it
+            self._say(held)
         elif state == "raw":
             self._say("".join(self._block))
         self._state, self._held, self._mark = "finished", [], ""
@@ -248,8 +259,8 @@ class ToolCallStream:
                 self._end_call(ch)
         elif state in ("raw", "after"):
             self._block_char(ch)
-        elif state == "text" and self.parser == "hermes":
-            self._hermes_text(ch)
+        elif state == "text" and self._tag:
+            self._tagged_text(ch)
         elif state == "text":
             self._say(ch)
         elif state == "open":  # hermes, after `<tool_call>`: whitespace, then the call's `{`
@@ -260,25 +271,29 @@ class ToolCallStream:
                 self._to_block("raw", HERMES_OPEN + "".join(self._held))
         elif state == "start":
             self._llama_start(ch)
+        elif state in ("array", "next", "item"):
+            self._mistral_array(ch)
         else:
             self._llama_between(ch)
 
-    def _hermes_text(self, ch: str) -> None:
-        """Text between blocks: whitespace waits for what follows, a tag's start for the rest of it."""
+    def _tagged_text(self, ch: str) -> None:
+        """hermes, mistral: text between calls; whitespace waits for what follows, a tag's start for the rest of it."""
+        tag = self._tag
         if self._mark:
             mark = self._mark + ch
-            if mark == HERMES_OPEN:  # whitespace before a block is not content
-                self._state, self._held, self._mark = "open", [], ""
+            if mark == tag:  # whitespace before the calls is not content
+                self._mark = ""
+                self._state, self._held = ("open", []) if tag == HERMES_OPEN else ("array", [tag])
                 return
-            if HERMES_OPEN.startswith(mark):
+            if tag.startswith(mark):
                 self._mark = mark
                 return
-            keep = _partial_tag(mark, HERMES_OPEN)
+            keep = _partial_tag(mark, tag)
             said, self._mark = mark[: len(mark) - keep], mark[len(mark) - keep :]
             text = said.rstrip()
             self._say("".join(self._held) + text)
             self._held, self._after_call = [said[len(text) :]] if len(text) < len(said) else [], False
-        elif ch == "<":
+        elif ch == tag[0]:
             self._mark = ch
         elif ch.isspace():
             self._held.append(ch)
@@ -318,6 +333,25 @@ class ToolCallStream:
         self._mark = ""
         self._to_text("".join(self._held))
 
+    def _mistral_array(self, ch: str) -> None:
+        """mistral, after `[TOOL_CALLS]`: `[`, call objects separated by `,`, `]`; anything else is text."""
+        self._held.append(ch)
+        state = self._state
+        if ch.isspace():
+            return
+        if ch == "{" and (state == "item" or (state == "array" and self._mark)):
+            self._mark = ""
+            self._start_call("".join(self._held[:-1]))
+        elif ch == "[" and state == "array" and not self._mark:
+            self._mark = ch
+        elif ch == "," and state == "next":
+            self._state = "item"
+        elif ch == "]" and state == "next":  # the array's end: what follows is text, or another `[TOOL_CALLS]`
+            self._state, self._held, self._after_call = "text", [], True
+        else:
+            self._mark = ""
+            self._to_text("".join(self._held))
+
     def _block_char(self, ch: str) -> None:
         """hermes: a character of a block being read to its `</tool_call>`."""
         self._block.append(ch)
@@ -353,7 +387,7 @@ class ToolCallStream:
         elif self.parser == "hermes":
             self._to_block("raw", raw)
         elif call.valid:
-            self._state, self._held = "between", []
+            self._state, self._held = "next" if self.parser == "mistral" else "between", []
         else:
             self._to_text(raw)
 
@@ -375,7 +409,7 @@ class ToolCallStream:
     # ----- content -------------------------------------------------------------------------------
 
     def _to_text(self, text: str) -> None:
-        self._state, self._held = "text", []
+        self._state, self._held, self._after_call = "text", [], False
         self._say(text)
 
     def _say(self, text: str) -> None:

@@ -8,7 +8,7 @@ and compiles it, tool_calls.py reads what the model then writes. It must not kno
 
 import json
 
-from loraplex.api.tool_calls import HERMES_CLOSE, HERMES_OPEN, PARSERS
+from loraplex.api.tool_calls import HERMES_CLOSE, HERMES_OPEN, PARSERS, TOOL_CALLS
 
 # arguments as json.dumps writes them (structured_output.py's defaults); a keyword that cannot be enforced is an error
 ARGUMENTS_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
@@ -34,16 +34,20 @@ def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool)
         parser: one of PARSERS.
         functions: (name, arguments JSON Schema) of each function the call may be to; an object
             schema that does not say whether other keys are allowed allows none.
-        parallel: one or more calls (hermes: one block per line; llama3_json: separated by `; `),
-            else exactly one.
+        parallel: one or more calls (hermes: one block per line; llama3_json: separated by `; `;
+            mistral: objects separated by `, ` in the one `[TOOL_CALLS][...]` array), else exactly one.
     """
     if parser not in PARSERS:
         raise ValueError(f"unknown tool call parser {parser!r}")
-    key, opening, closing, separator = {
-        "hermes": ("arguments", HERMES_OPEN + "\n", "\n" + HERMES_CLOSE, "\n"),
-        "llama3_json": ("parameters", "", "", "; "),
+    key, opening, closing, separator, before, after = {  # before and after: around all the calls
+        "hermes": ("arguments", HERMES_OPEN + "\n", "\n" + HERMES_CLOSE, "\n", "", ""),
+        "llama3_json": ("parameters", "", "", "; ", "", ""),
+        "mistral": ("arguments", "", "", ", ", TOOL_CALLS + "[", "]"),
     }[parser]
-    rules = [f"start: call ({_lark_string(separator)} call)*" if parallel else "start: call"]
+    calls = f"call ({_lark_string(separator)} call)*" if parallel else "call"
+    if before:
+        calls = f"{_lark_string(before)} {calls} {_lark_string(after)}"
+    rules = [f"start: {calls}"]
     rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
     for i, (name, schema) in enumerate(functions):
         head = opening + "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
