@@ -17,11 +17,14 @@ import llguidance
 import llguidance.hf
 import openai
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from live_server import LiveServer, server_config
 from loraplex.api.chat_template import ChatTemplateRenderer
 from loraplex.api.tool_calls import PARSERS, ToolCallStream, parse_tool_calls, parser_for_template
-from loraplex.api.tool_grammar import call_grammar
+from loraplex.api.tool_grammar import call_grammar, special_tags
+from tiny import VOCAB_SIZE
 
 WEATHER = {
     "type": "object",
@@ -268,6 +271,42 @@ def test_what_the_grammar_admits_parses_into_calls_matching_the_schema(parser):
     (call,) = parse_tool_calls(parser, text, ids()).calls
     assert call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), WEATHER)
+
+
+def tokenizer_with_special(tag: str):
+    """A byte-level BPE tokenizer like the tiny models', with `tag` as a special token of its own (as Mistral's has)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<s>", "</s>", "<pad>", tag],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(['{"name": "ping", "arguments": {}}'] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", additional_special_tokens=[tag])
+
+
+@pytest.mark.parametrize(("parser", "tag"), [("mistral", "[TOOL_CALLS]"), ("hermes", "<tool_call>")])
+def test_a_forced_call_opens_with_the_tokenizers_own_special_token_for_its_tag(parser, tag):
+    """Where the tag is one special token, the forced output begins with that token, which the matcher then takes
+    (named as a string, llguidance offered the token and refused it once sampled: the request failed)."""
+    tokenizer = tokenizer_with_special(tag)
+    special = tokenizer.convert_tokens_to_ids(tag)
+    assert special_tags(tokenizer) == {tag: special}
+    lark = call_grammar(parser, [("ping", {"type": "object", "properties": {}})], False, special_tags(tokenizer))
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer), grammar, log_level=0)
+    allowed = [token for token, bias in enumerate(matcher.compute_logit_bias()) if bias]
+    assert allowed == [special]
+    assert matcher.consume_token(special)
+    rest = '[{"name": "ping", "arguments": {}}]' if parser == "mistral" else '\n{"name": "ping", "arguments": {}}\n</tool_call>'
+    # the rest as plain text (hermes's closing tag is not a special token of this tokenizer)
+    assert matcher.consume_tokens(tokenizer.encode(rest, add_special_tokens=False)) and matcher.is_accepting()
+    text = tokenizer.decode([special] + tokenizer.encode(rest, add_special_tokens=False), skip_special_tokens=False)
+    (call,) = parse_tool_calls(parser, text, ids()).calls
+    assert call.name == "ping"
 
 
 # ----- templates see the tools and the calls -------------------------------------------------------

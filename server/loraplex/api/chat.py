@@ -28,7 +28,7 @@ from loraplex.api.schemas import ChatCompletionRequest, ChatMessage
 from loraplex.api.services import Services, services
 from loraplex.api.structured_output import grammar_for_lark, requested_grammar
 from loraplex.api.tool_calls import ToolCallStream, new_call_id, parse_tool_calls, parser_for_template
-from loraplex.api.tool_grammar import call_grammar
+from loraplex.api.tool_grammar import call_grammar, special_tags
 from loraplex.api.tool_schemas import ToolDefinition
 from loraplex.engine.request import SamplingParams, TokenEvent, TopLogprobs
 from loraplex.errors import RequestInvalid
@@ -105,7 +105,7 @@ def _params(
     return params[:1] + [dataclasses.replace(p, prompt_logprobs=None) for p in params[1:]]
 
 
-def _tool_grammar(body: ChatCompletionRequest, parser: str) -> str | None:
+def _tool_grammar(body: ChatCompletionRequest, parser: str, tokenizer) -> str | None:
     """With tool_choice required or a named function, the grammar that makes the output such calls."""
     if body.tool_mode not in ("required", "named"):
         return None
@@ -113,7 +113,8 @@ def _tool_grammar(body: ChatCompletionRequest, parser: str) -> str | None:
     if body.tool_mode == "named":
         tools = [tool for tool in tools if tool.function.name == body.tool_choice.function.name][:1]
     functions = [(tool.function.name, tool.function.schema) for tool in tools]
-    return grammar_for_lark(call_grammar(parser, functions, body.parallel_tool_calls is not False), "tool_choice")
+    lark = call_grammar(parser, functions, body.parallel_tool_calls is not False, special_tags(tokenizer))
+    return grammar_for_lark(lark, "tool_choice")
 
 
 def _content_logprobs(tokenizer, ids: list[int], logprobs: list[float], tops: list[TopLogprobs]) -> list[dict]:
@@ -247,7 +248,7 @@ async def create_chat_completion(
     prompt = await run_in_threadpool(
         render_prompt, body.messages, body.add_generation_prompt, record, svc.prompts, svc.chat_templates, False, tools
     )  # off the loop
-    grammar = None if parser is None else await run_in_threadpool(_tool_grammar, body, parser)
+    grammar = None if parser is None else await run_in_threadpool(_tool_grammar, body, parser, tokenizer)
     grammar = await run_in_threadpool(requested_grammar, body, tokenizer, grammar)  # response_format, structured_outputs
     params = _params(body, prompt, svc.engine.max_model_len, svc.engine.vocab_size, grammar)
     plan = Plan([prompt], params, ChatResponder(body, tokenizer, parser))

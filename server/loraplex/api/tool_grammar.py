@@ -2,7 +2,8 @@
 
 Owns: `call_grammar`, the lark grammar (llguidance's, `%json` for the arguments) whose every
 sentence is exactly one call, or several, in one of tool_calls.py's formats, with each call's
-arguments held to its function's JSON Schema. It builds text only: structured_output.py checks
+arguments held to its function's JSON Schema, and `special_tags`, the formats' tags a tokenizer
+holds as special tokens (named by id in the grammar). It builds text only: structured_output.py checks
 and compiles it, tool_calls.py reads what the model then writes. It must not know HTTP or the engine.
 """
 
@@ -10,6 +11,7 @@ import json
 
 from loraplex.api.tool_calls import HERMES_CLOSE, HERMES_OPEN, PARSERS, TOOL_CALLS
 
+TAGS = (HERMES_OPEN, HERMES_CLOSE, TOOL_CALLS)  # the fixed text of the formats that may be one special token
 # arguments as json.dumps writes them (structured_output.py's defaults); a keyword that cannot be enforced is an error
 ARGUMENTS_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
 
@@ -27,7 +29,20 @@ def _declared_only(schema: dict) -> dict:
     return schema
 
 
-def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool) -> str:
+def special_tags(tokenizer) -> dict[str, int]:
+    """The formats' tags that are special tokens of `tokenizer` (Mistral's `[TOOL_CALLS]`), with their ids.
+
+    llguidance reads a special token as its own symbol, not as its text: a grammar's string
+    `"[TOOL_CALLS]"` lets the model sample that token and then refuses it (the matcher wanted the
+    bytes `[`, ...), so a grammar must name such a tag by id (`<[id]>`).
+    """
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {token.content: token_id for token_id, token in decoder.items() if token.special and token.content in TAGS}
+
+
+def call_grammar(
+    parser: str, functions: list[tuple[str, dict]], parallel: bool, special: dict[str, int] | None = None
+) -> str:
     """A lark grammar whose every sentence is a call (several with `parallel`) in `parser`'s format.
 
     Args:
@@ -36,22 +51,29 @@ def call_grammar(parser: str, functions: list[tuple[str, dict]], parallel: bool)
             schema that does not say whether other keys are allowed allows none.
         parallel: one or more calls (hermes: one block per line; llama3_json: separated by `; `;
             mistral: objects separated by `, ` in the one `[TOOL_CALLS][...]` array), else exactly one.
+        special: the tags that are special tokens of the served tokenizer, by id (`special_tags`).
     """
     if parser not in PARSERS:
         raise ValueError(f"unknown tool call parser {parser!r}")
+    special = special or {}
+
+    def text(*pieces: str) -> str:
+        """Pieces of fixed text as lark terms: a special-token tag by its id, anything else as a string."""
+        return " ".join(f"<[{special[piece]}]>" if piece in special else _lark_string(piece) for piece in pieces if piece)
+
     key, opening, closing, separator, before, after = {  # before and after: around all the calls
-        "hermes": ("arguments", HERMES_OPEN + "\n", "\n" + HERMES_CLOSE, "\n", "", ""),
-        "llama3_json": ("parameters", "", "", "; ", "", ""),
-        "mistral": ("arguments", "", "", ", ", TOOL_CALLS + "[", "]"),
+        "hermes": ("arguments", (HERMES_OPEN, "\n"), ("\n", HERMES_CLOSE), "\n", (), ()),
+        "llama3_json": ("parameters", (), (), "; ", (), ()),
+        "mistral": ("arguments", (), (), ", ", (TOOL_CALLS, "["), ("]",)),
     }[parser]
-    calls = f"call ({_lark_string(separator)} call)*" if parallel else "call"
+    calls = f"call ({text(separator)} call)*" if parallel else "call"
     if before:
-        calls = f"{_lark_string(before)} {calls} {_lark_string(after)}"
+        calls = f"{text(*before)} {calls} {text(*after)}"
     rules = [f"start: {calls}"]
     rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
     for i, (name, schema) in enumerate(functions):
-        head = opening + "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
-        rules.append(f"call_{i}: {_lark_string(head)} args_{i} {_lark_string('}' + closing)}")
+        head = "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
+        rules.append(f"call_{i}: {text(*opening, head)} args_{i} {text('}', *closing)}")
         enforced = {**_declared_only(schema), "x-guidance": ARGUMENTS_JSON}
         rules.append(f"args_{i}: %json {json.dumps(enforced, ensure_ascii=False)}")
     return "\n".join(rules) + "\n"
