@@ -78,9 +78,9 @@ def grammar_for_lark(text: str, param: str, tokenizer: llguidance.LLTokenizer | 
 
 
 def lark_json(schema: dict) -> str:
-    """`%json {schema}` for a Lark rule, with the JSON options `grammar_for_schema` uses (json.dumps's separators, lenient off)."""
-    options = {**JSON_DEFAULTS, **schema.get("x-guidance", {}), **JSON_OVERRIDES} if isinstance(schema, dict) else None
-    return "%json " + json.dumps({**schema, "x-guidance": options} if options is not None else schema)
+    """`%json {schema}` for a Lark rule, with the JSON options `grammar_for_schema` uses (json.dumps's separators,
+    lenient off) in place of any the schema carries."""
+    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_DEFAULTS, **JSON_OVERRIDES}}, ensure_ascii=False)
 
 
 def grammar_for_regex(pattern: str, param: str, tokenizer: llguidance.LLTokenizer | None = None) -> str:

@@ -9,11 +9,10 @@ and compiles it, tool_calls.py reads what the model then writes. It must not kno
 
 import json
 
+from loraplex.api.structured_output import lark_json
 from loraplex.api.tool_calls import HERMES_CLOSE, HERMES_OPEN, PARSERS, TOOL_CALLS
 
 TAGS = (HERMES_OPEN, HERMES_CLOSE, TOOL_CALLS)  # the fixed text of the formats that may be one special token
-# arguments as json.dumps writes them (structured_output.py's defaults); a keyword that cannot be enforced is an error
-ARGUMENTS_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
 
 
 def _lark_string(text: str) -> str:
@@ -74,6 +73,5 @@ def call_grammar(
     for i, (name, schema) in enumerate(functions):
         head = "{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps(key) + ": "
         rules.append(f"call_{i}: {text(*opening, head)} args_{i} {text('}', *closing)}")
-        enforced = {**_declared_only(schema), "x-guidance": ARGUMENTS_JSON}
-        rules.append(f"args_{i}: %json {json.dumps(enforced, ensure_ascii=False)}")
+        rules.append(f"args_{i}: {lark_json(_declared_only(schema))}")  # as json.dumps writes it, every keyword enforced
     return "\n".join(rules) + "\n"

@@ -65,7 +65,7 @@ class OutputProcessor:
         live: dict[str, LiveRequest],
         finish: Callable[[Request, FinishReason], None],
         observe_token: Callable[[Request, float | None], None],
-        grammars: GrammarMatchers | None = None,
+        grammars: GrammarMatchers,
     ):
         self._grammars = grammars
         self._runner = runner
@@ -120,8 +120,7 @@ class OutputProcessor:
             n = request.params.logprobs
             kept = (logprob, alternatives[:n]) if n is not None else (None, None)
             self._guarded(request, lambda: self._append_token(request, token, *kept))
-        if self._grammars is not None:
-            self._grammars.prefetch(requests)  # the next step's masks, computed while its forward pass runs
+        self._grammars.prefetch(requests)  # the next step's masks, computed while its forward pass runs
 
     def blame(self, seqs: list[ScheduledSeq], problem: str) -> None:
         """Fail the sequences that break a step alone.
