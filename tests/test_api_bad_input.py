@@ -65,6 +65,9 @@ SHARED = [
     BadInput("stop-empty-string", {"stop": ""}, keyword="stop", param="stop"),
     BadInput("stop-list-with-empty-string", {"stop": ["\n", ""]}, keyword="stop", param="stop"),
     BadInput("presence-penalty-above-2", {"presence_penalty": 3}, keyword="presence_penalty", param="presence_penalty"),
+    BadInput("prompt-logprobs-above-20", {"prompt_logprobs": 21}, keyword="prompt_logprobs", param="prompt_logprobs"),
+    BadInput("prompt-logprobs-negative", {"prompt_logprobs": -1}, keyword="prompt_logprobs", param="prompt_logprobs"),
+    BadInput("prompt-logprobs-with-stream", {"prompt_logprobs": 1, "stream": True}, keyword="stream", param="prompt_logprobs"),
     BadInput(
         "stream-options-without-stream",
         {"stream_options": {"include_usage": True}},
